@@ -1,0 +1,119 @@
+"""Tests for the generated instruction tasks (tp_trainer.data.tasks)."""
+
+import json
+import re
+
+import pytest
+
+from tp_trainer.data.tasks import TASKS, generate_tasks, write_task_splits
+
+
+def _ints(text):
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def _solve(record):
+    """Independently recompute the expected answer from instruction + input."""
+    task, instruction, inp = record["task"], record["instruction"], record["input"]
+    if task == "add":
+        numbers = _ints(instruction + " " + inp)
+        assert len(numbers) == 2, record
+        return str(sum(numbers))
+    if task == "sort":
+        return ", ".join(str(x) for x in sorted(_ints(inp)))
+    if task == "max":
+        return str(max(_ints(inp)))
+    if task == "reverse":
+        return " ".join(inp.split()[::-1])
+    if task == "copy_field":
+        pairs = [line.split(": ") for line in inp.split("\n")]
+        table = {k: v for k, v in pairs}
+        asked = [k for k in table if re.search(rf"\b{re.escape(k)}\b", instruction)]
+        assert len(asked) == 1, record
+        return table[asked[0]]
+    raise AssertionError(f"unknown task {task}")
+
+
+def _template(record):
+    """The instruction with numbers and the looked-up key replaced by placeholders."""
+    text = re.sub(r"\d+", "N", record["instruction"])
+    if record["task"] == "copy_field":
+        for key in (line.split(": ")[0] for line in record["input"].split("\n")):
+            text = re.sub(rf"\b{key}\b", "K", text)
+    return text
+
+
+def test_generation_is_deterministic_per_seed():
+    a = generate_tasks(300, seed=7)
+    b = generate_tasks(300, seed=7)
+    c = generate_tasks(300, seed=8)
+    assert a == b
+    assert a != c
+    assert len(a) == 300
+
+
+def test_every_answer_is_correct_and_fields_are_strings():
+    records = generate_tasks(2000, seed=0)
+    for record in records:
+        assert set(record) == {"instruction", "input", "output", "task"}
+        assert all(isinstance(v, str) for v in record.values())
+        assert record["output"] == _solve(record), record
+
+
+def test_task_balance_subset_and_phrasing_variety():
+    records = generate_tasks(400, seed=1)
+    counts = {t: sum(r["task"] == t for r in records) for t in TASKS}
+    assert set(counts) == {"add", "sort", "reverse", "copy_field", "max"}
+    assert all(c == 400 // len(TASKS) for c in counts.values())
+    for task in TASKS:
+        templates = {_template(r) for r in records if r["task"] == task}
+        assert len(templates) >= 3, (task, templates)
+    sub = generate_tasks(10, seed=1, tasks=["reverse"])
+    assert {r["task"] for r in sub} == {"reverse"}
+    # Answers are short so a tiny model has a chance.
+    assert max(len(r["output"]) for r in records) <= 25
+
+
+def test_no_input_variant_exists_for_add():
+    records = generate_tasks(200, seed=2, tasks=["add"])
+    assert any(r["input"] == "" for r in records)
+    assert any(r["input"] != "" for r in records)
+
+
+def test_unknown_task_and_bad_n_raise():
+    with pytest.raises(ValueError, match="multiply"):
+        generate_tasks(3, seed=0, tasks=["add", "multiply"])
+    with pytest.raises(ValueError, match="-1"):
+        generate_tasks(-1, seed=0)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_write_task_splits_disjoint_balanced_and_reproducible(tmp_path):
+    paths = write_task_splits(tmp_path / "a", n_train=500, n_eval=100, seed=3)
+    assert set(paths) == {"train", "eval"}
+    train, evals = _read(paths["train"]), _read(paths["eval"])
+    assert len(train) == 500 and len(evals) == 100
+    train_keys = [(r["instruction"], r["input"]) for r in train]
+    eval_keys = [(r["instruction"], r["input"]) for r in evals]
+    assert not set(train_keys) & set(eval_keys)
+    assert len(set(train_keys)) == len(train_keys)
+    assert len(set(eval_keys)) == len(eval_keys)
+    assert {r["task"]: 0 for r in evals}.keys() == set(TASKS)
+    assert all(sum(r["task"] == t for r in evals) == 20 for t in TASKS)
+    for record in train + evals:
+        assert record["output"] == _solve(record)
+    again = write_task_splits(tmp_path / "b", n_train=500, n_eval=100, seed=3)
+    for split in ("train", "eval"):
+        with open(paths[split], "rb") as f1, open(again[split], "rb") as f2:
+            assert f1.read() == f2.read()
+
+
+def test_write_task_splits_single_task_and_bad_args(tmp_path):
+    paths = write_task_splits(tmp_path, n_train=5, n_eval=5, seed=0, tasks=["copy_field"])
+    assert len(_read(paths["eval"])) == 5
+    with pytest.raises(ValueError, match="n_train"):
+        write_task_splits(tmp_path, n_train=-3, n_eval=1, seed=0)

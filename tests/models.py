@@ -1,0 +1,42 @@
+"""Tiny configurations of every model family the planner must support (built, never downloaded)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+# Every config: hidden 64, 4 query heads of 16, 2 layers; vocab 96 (divisible by 2 and 4).
+FAMILIES = {
+    "llama": lambda: T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96),
+    "mistral": lambda: T.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96, head_dim=16),
+    "qwen2": lambda: T.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96),
+    "qwen3": lambda: T.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=96),
+    "gemma": lambda: T.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=96),
+    "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=96),
+    "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                               word_embed_proj_dim=64, max_position_embeddings=64),
+    "falcon": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96),
+    "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=96),
+    "phi3": lambda: T.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=96, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2),
+}
+
+
+def tiny_model(family: str, *, seed: int = 0, dtype=torch.float32, **overrides):
+    cfg = FAMILIES[family]()
+    for key, value in list(vars(cfg).items()):  # parity tests compare exact forwards: no dropout
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(cfg, key, 0.0)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model

@@ -1,0 +1,80 @@
+"""``TPTrainingArguments``: ``transformers.TrainingArguments`` plus the parallel layout.
+
+Parsed by ``HfArgumentParser`` from the command line, YAML or JSON like every other field.
+Invalid values fail at construction, before a model or a process group is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class TPTrainingArguments(TrainingArguments):
+    tp_size: int = field(default=1, metadata={
+        "help": "Tensor-parallel degree: ranks that share one copy of the model, each holding 1/tp_size of "
+                "every split layer. The data-parallel degree is world_size / tp_size."})
+    zero_stage: int = field(default=0, metadata={
+        "help": "ZeRO stage over the data-parallel group: 0 = plain data parallel, 1 = optimizer states "
+                "sharded, 2 = optimizer states and gradients sharded."})
+    tp_plan: str | None = field(default=None, metadata={
+        "help": "'auto' (default) or a JSON mapping of module patterns to styles that overrides the automatic "
+                "plan, e.g. '{\"model.layers.*.mlp.down_proj\": \"rowwise\"}'. Styles: colwise, rowwise, "
+                "colwise_gather_output, rowwise_split_input, vocab_embedding, vocab_lm_head, replicated, "
+                "replicated_grad_sum (and Hugging Face's names)."})
+    tp_config: str | None = field(default=None, metadata={
+        "help": "A DeepSpeed-style JSON (tensor_parallel.autotp_size, zero_optimization.stage, "
+                "zero_optimization.gather_16bit_weights_on_model_save) read instead of the flags above."})
+    gather_16bit_weights_on_model_save: bool | None = field(default=None, metadata={
+        "help": "save_model writes 16-bit weights (bf16 unless the model is fp16). Default: when training in bf16/fp16."})
+
+    def __post_init__(self):
+        if isinstance(self.tp_plan, dict):
+            self.tp_plan = json.dumps(self.tp_plan)
+        if self.tp_config is not None:
+            from .tp_config import apply_tp_config
+            apply_tp_config(self)
+        self.validate_layout()
+        super().__post_init__()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % self.tp_size:
+            raise ValueError(
+                f"WORLD_SIZE={world} is not divisible by tp_size={self.tp_size}: launch a multiple of "
+                f"{self.tp_size} processes or choose a tp_size that divides {world}.")
+
+    def validate_layout(self) -> None:
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r} (ZeRO-3 is what TP replaces: "
+                             "use tp_size with zero_stage 1 or 2)")
+        self.user_tp_plan()  # parse errors surface now
+        if self.parallel_active and self.fp16:
+            raise ValueError("fp16 (loss scaling) is not supported with tp_size > 1 or zero_stage > 0; use --bf16")
+        if self.parallel_active and self.deepspeed:
+            raise ValueError("--deepspeed and tp_size/zero_stage are two ways of doing the same thing; pick one "
+                             "(tp_trainer reads DeepSpeed JSON via --tp_config)")
+        if self.parallel_active and getattr(self, "train_sampling_strategy", None) == "batch_rebalance":
+            raise ValueError("train_sampling_strategy='batch_rebalance' shards by global rank and would feed "
+                             "different batches to the ranks of a TP group; use 'random' or 'group_by_length'")
+
+    @property
+    def parallel_active(self) -> bool:
+        """True when TPTrainer replaces the Trainer's own data parallelism."""
+        return self.tp_size > 1 or self.zero_stage > 0
+
+    def user_tp_plan(self) -> dict[str, str] | None:
+        if self.tp_plan in (None, "", "auto"):
+            return None
+        try:
+            plan = json.loads(self.tp_plan)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"tp_plan must be 'auto' or a JSON object of pattern -> style, got {self.tp_plan!r} "
+                             f"({err})") from None
+        if not isinstance(plan, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plan.items()):
+            raise ValueError(f"tp_plan must map module patterns (str) to styles (str), got {self.tp_plan!r}")
+        return plan

@@ -1,0 +1,126 @@
+"""The process layout of a run: a ``dp x tp`` mesh, built in exactly one place.
+
+Ranks are laid out row-major over ``(dp, tp)``: the TP group of global rank ``r`` is the
+contiguous block ``[r // tp * tp, r // tp * tp + tp)`` (tensor-parallel traffic is the
+heaviest, so it stays inside a node), and the DP group of ``r`` holds the ranks with the
+same ``tp_rank``: ``{tp_rank, tp_rank + tp, tp_rank + 2 tp, ...}``.
+
+Example, world 4, tp 2::
+
+    tp groups: [0, 1], [2, 3]        dp groups: [0, 2], [1, 3]
+
+The device and the backend are chosen here and nowhere else: NCCL on CUDA, gloo on CPU.
+Every other module receives the :class:`ParallelContext` (or one of its groups) as an
+argument; there is no module-level state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+def default_device_and_backend() -> tuple[torch.device, str]:
+    """``(cuda:LOCAL_RANK, "nccl")`` when CUDA is present, ``(cpu, "gloo")`` otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def check_layout(world_size: int, tp_size: int) -> int:
+    """Validate ``tp_size`` against the world and return ``dp_size``; raises before any work."""
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}.")
+    if world_size % tp_size != 0:
+        raise ValueError(
+            f"world_size={world_size} is not divisible by tp_size={tp_size}: the dp x tp mesh needs "
+            f"world_size = dp_size * tp_size. Launch a multiple of {tp_size} processes "
+            f"(e.g. --nproc-per-node {tp_size * max(1, world_size // tp_size)}) or pick a tp_size that divides {world_size}."
+        )
+    return world_size // tp_size
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Ranks, groups, device and backend of one process in the ``dp x tp`` mesh.
+
+    ``tp_group``/``dp_group`` are ``None`` when the corresponding size is 1 (no collective is
+    ever issued on a trivial group), so single-process code paths stay free of
+    ``torch.distributed``.
+    """
+
+    tp_size: int = 1
+    dp_size: int = 1
+    rank: int = 0
+    tp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    world_group: dist.ProcessGroup | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+    mesh: object | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size
+
+    @property
+    def tp_ranks(self) -> list[int]:
+        """Global ranks of this process's TP group, in tp-rank order."""
+        base = self.dp_rank * self.tp_size
+        return list(range(base, base + self.tp_size))
+
+    @property
+    def dp_ranks(self) -> list[int]:
+        """Global ranks of this process's DP group, in dp-rank order."""
+        return [self.tp_rank + d * self.tp_size for d in range(self.dp_size)]
+
+    @classmethod
+    def single(cls) -> "ParallelContext":
+        device, backend = default_device_and_backend()
+        return cls(device=device, backend=backend)
+
+    @classmethod
+    def from_environment(cls, tp_size: int, *, timeout=None) -> "ParallelContext":
+        """Build the mesh over the default process group, initialising it if needed.
+
+        Under ``torchrun``/``accelerate launch`` the environment (``RANK``, ``WORLD_SIZE``, ...)
+        describes the world; without it the world is this single process.
+        """
+        device, backend = default_device_and_backend()
+        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        dp_size = check_layout(world_size, tp_size)
+        if world_size == 1:
+            return cls(device=device, backend=backend)
+        if not dist.is_initialized():
+            kwargs = {"timeout": timeout} if timeout is not None else {}
+            dist.init_process_group(backend=backend, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        rank = dist.get_rank()
+        return cls(
+            tp_size=tp_size,
+            dp_size=dp_size,
+            rank=rank,
+            tp_rank=rank % tp_size,
+            dp_rank=rank // tp_size,
+            tp_group=mesh.get_group("tp") if tp_size > 1 else None,
+            dp_group=mesh.get_group("dp") if dp_size > 1 else None,
+            world_group=dist.group.WORLD,
+            device=device,
+            backend=dist.get_backend(),
+            mesh=mesh,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} = dp {self.dp_size} x tp {self.tp_size} ({self.backend}, {self.device.type}); "
+            f"rank {self.rank}: tp_rank {self.tp_rank} of {self.tp_ranks}, dp_rank {self.dp_rank} of {self.dp_ranks}"
+        )

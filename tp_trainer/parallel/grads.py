@@ -1,0 +1,76 @@
+"""Gradients that need a tensor-parallel reduction, and the true global gradient norm.
+
+After a backward pass under Megatron's f/g operators:
+
+* a sharded parameter holds the exact gradient of its shard;
+* a replicated parameter applied to replicated activations (norms, position tables) holds
+  the full gradient, identical on every TP rank;
+* a replicated parameter applied to *split* activations (``param.tp_grad_sum``, e.g. Qwen3's
+  ``q_norm``) and rows held by several ranks (``param.tp_spec.overlaps``: replicated KV heads)
+  hold partial sums: :func:`sync_partial_tp_grads` all-reduces them over TP.
+
+:func:`squared_norm_contribution` counts every distinct gradient element exactly once across
+the TP group (a shard on its owner, a replicated element on TP rank 0), so summing it over
+the whole world gives the squared norm of the unsharded model's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def needs_tp_grad_sum(param: torch.Tensor) -> bool:
+    spec = getattr(param, "tp_spec", None)
+    return bool(getattr(param, "tp_grad_sum", False)) or (spec is not None and spec.overlaps)
+
+
+def sync_partial_tp_grad(param: torch.Tensor, grad: torch.Tensor, tp_group) -> None:
+    """In place: ``grad`` becomes the sum over TP ranks of the partial gradients of ``param``."""
+    if tp_group is None:
+        return
+    spec = getattr(param, "tp_spec", None)
+    if spec is not None and spec.overlaps:
+        full = grad.new_zeros(spec.full_shape)
+        spec.scatter_add_into(full, grad)
+        dist.all_reduce(full, group=tp_group)
+        held = spec.take(full)
+        grad.narrow(spec.dim, 0, held.shape[spec.dim]).copy_(held)
+    else:
+        dist.all_reduce(grad, group=tp_group)
+
+
+def sync_partial_tp_grads(params, tp_group) -> None:
+    for p in params:
+        if p.grad is not None and needs_tp_grad_sum(p):
+            sync_partial_tp_grad(p, p.grad, tp_group)
+
+
+def norm_count_mask(param: torch.Tensor, tp_rank: int):
+    """Which local elements this rank counts in the global norm so the TP group counts each once.
+
+    ``True``: all of them (a shard); ``False``: none (a replicated tensor on a TP rank other
+    than 0); a bool tensor of the local shape: the rows not already held by a lower TP rank.
+    """
+    spec = getattr(param, "tp_spec", None)
+    if spec is None:
+        return tp_rank == 0
+    if not spec.overlaps:
+        return True
+    earlier = {seg for r in range(spec.tp_rank) for seg in spec.segments[r]}
+    mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+    offset = 0
+    for seg in spec.local_segments:
+        if seg not in earlier:
+            mask.narrow(spec.dim, offset, seg[1]).fill_(True)
+        offset += seg[1]
+    return mask
+
+
+def masked_square_sum(grad: torch.Tensor, mask) -> torch.Tensor:
+    """``sum(grad^2)`` over the elements selected by a :func:`norm_count_mask` value (fp32)."""
+    if mask is True:
+        return grad.float().pow(2).sum()
+    if mask is False:
+        return torch.zeros((), dtype=torch.float32, device=grad.device)
+    return grad.float().pow(2).masked_select(mask).sum()

@@ -1,0 +1,115 @@
+"""Autograd-aware collectives of tensor parallelism (Megatron's ``f`` and ``g`` operators).
+
+Each region function takes the TP process group explicitly; with ``group=None`` (tp 1) it
+is the identity. The forward/backward pairs are the conjugates of Shoeybi et al. 2019:
+
+====================  ==========================  ==========================
+function              forward                     backward
+====================  ==========================  ==========================
+copy_to_tp            identity          (``f``)   all-reduce(sum)
+reduce_from_tp        all-reduce(sum)   (``g``)   identity
+gather_from_tp        all-gather along dim -1     keep own chunk of dim -1
+scatter_to_tp         keep own chunk of dim -1    all-gather along dim -1
+====================  ==========================  ==========================
+
+A column-parallel linear sits between ``f`` (its input) and either nothing (the output
+stays split over the last dim) or ``gather_from_tp``; a row-parallel linear consumes a
+split input and ends with ``g``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return x
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[-1] % size:
+        raise ValueError(f"last dim {x.shape[-1]} is not divisible by the TP size {size}")
+    return x.chunk(size, dim=-1)[rank].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return x
+    size = dist.get_world_size(group)
+    x = x.contiguous()
+    # all_gather_into_tensor stacks along dim 0 in a single buffer (one collective, no list of
+    # tensors); moving the gathered dim to the end afterwards is one copy.
+    out = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """``f``: identity forward, all-reduce of the input gradient backward."""
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """``g``: sum the partial outputs of the TP ranks forward, identity backward."""
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the ranks' last-dim chunks forward; keep this rank's chunk backward."""
+    return x if group is None else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's last-dim chunk forward; all-gather the gradient backward."""
+    return x if group is None else _ScatterToTP.apply(x, group)

@@ -1,0 +1,92 @@
+"""``apply_tensor_parallel(model, plan, context)``: replace modules by their TP versions, in place.
+
+The only communication is none: every rank slices its shards out of the full weights it
+already holds, so ranks must start from identical weights (same seed or same checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+from transformers.utils import logging
+
+from ..parallel.context import ParallelContext
+from ..parallel.cross_entropy import VocabParallelCausalLMLoss
+from ..parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.sharding import block_spec, contiguous_spec
+from .plan import Plan, PlanEntry, Style
+
+logger = logging.get_logger(__name__)
+
+
+def _spec_factory(entry: PlanEntry, ctx: ParallelContext, *, pad: bool = False):
+    def spec_for(full_shape, dim):
+        if entry.blocks:  # the sharded dim of the weight and of the bias carry the same fused blocks
+            return block_spec(full_shape, dim, ctx.tp_rank, ctx.tp_size, list(entry.blocks))
+        return contiguous_spec(full_shape, dim, ctx.tp_rank, ctx.tp_size, pad_to_multiple=pad)
+    return spec_for
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext) -> nn.Module:
+    """Shard ``model`` in place following ``plan`` on ``context.tp_group``; returns ``model``."""
+    if plan.tp_size != context.tp_size:
+        raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
+    if context.tp_size == 1:
+        return model
+    group = context.tp_group
+    modules = dict(model.named_modules())
+    emb_in = model.get_input_embeddings()
+    new_embedding = None
+    lm_head = None
+    for name, entry in plan.entries.items():
+        mod = modules[name]
+        style = entry.style
+        if style == Style.VOCAB_EMBEDDING:
+            spec = contiguous_spec(tuple(mod.weight.shape), 0, context.tp_rank, context.tp_size, pad_to_multiple=True)
+            new = VocabParallelEmbedding.from_module(mod, spec, group)
+            if mod is emb_in:
+                new_embedding = (mod, new)
+        elif style == Style.LM_HEAD:
+            new = ParallelLMHead.from_module(mod, _spec_factory(entry, context, pad=True), group)
+            if new_embedding is not None and mod.weight is new_embedding[0].weight:
+                new.weight = new_embedding[1].weight  # tied: one shard object serves both
+            lm_head = new
+        elif style in (Style.COLWISE, Style.COLWISE_GATHER):
+            if style == Style.COLWISE_GATHER and entry.blocks:
+                raise ValueError(f"{name}: colwise_gather_output cannot gather a fused layout")
+            new = ColumnParallelLinear.from_module(mod, _spec_factory(entry, context), group,
+                                                   gather_output=style == Style.COLWISE_GATHER)
+        elif style in (Style.ROWWISE, Style.ROWWISE_SPLIT):
+            new = RowParallelLinear.from_module(mod, _spec_factory(entry, context), group,
+                                                split_input=style == Style.ROWWISE_SPLIT)
+        elif style == Style.REPLICATED_GRAD_SUM:
+            for p in mod.parameters(recurse=False):
+                p.tp_grad_sum = True
+            continue
+        else:
+            continue
+        _set_module(model, name, new)
+    # An LM head tied to an embedding the plan did not list (or listed after it) stays tied.
+    if lm_head is not None and new_embedding is not None and lm_head.weight is not new_embedding[1].weight:
+        if getattr(model.config, "tie_word_embeddings", False):
+            lm_head.weight = new_embedding[1].weight
+    for name, patch in plan.patches.items():
+        mod = model.get_submodule(name)
+        for attr, value in patch.attrs.items():
+            setattr(mod, attr, value)
+        if patch.config:
+            cfg = copy.copy(mod.config)
+            for key, value in patch.config.items():
+                setattr(cfg, key, value)
+            mod.config = cfg
+    if lm_head is not None and hasattr(model, "loss_function"):
+        model.loss_function = VocabParallelCausalLMLoss(lm_head)
+    model.tp_plan_applied = plan
+    return model

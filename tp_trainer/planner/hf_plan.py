@@ -1,0 +1,52 @@
+"""Hugging Face's own TP plans, read from the model and translated to our styles.
+
+``model._tp_plan`` (transformers >= 5) already merges ``config.base_model_tp_plan`` under the
+base-model prefix with the head's ``_tp_plan``; for older objects we merge them here.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .plan import Style
+
+# HF style -> (our style, note). Styles absent here are rejected with the module named.
+_HF_STYLES: dict[str, tuple[Style, str]] = {
+    "colwise": (Style.COLWISE, ""),
+    "colwise_rep": (Style.COLWISE_GATHER, ""),
+    "colwise_gather_output": (Style.COLWISE_GATHER, ""),
+    "rowwise": (Style.ROWWISE, ""),
+    "rowwise_rep": (Style.ROWWISE_SPLIT, ""),
+    "rowwise_split_input": (Style.ROWWISE_SPLIT, ""),
+    "embedding_rowwise": (Style.VOCAB_EMBEDDING, ""),
+    "packed_colwise": (Style.COLWISE, "packed halves split separately"),
+    "replicated_with_grad_allreduce": (Style.REPLICATED_GRAD_SUM, ""),
+    "replicate": (Style.REPLICATED, ""),
+    "replicated": (Style.REPLICATED, ""),
+}
+
+
+def translate_hf_style(hf_style: str, *, module: str) -> tuple[Style, str]:
+    try:
+        return _HF_STYLES[hf_style]
+    except KeyError:
+        supported = ", ".join(sorted(_HF_STYLES) + [s.value for s in Style])
+        raise ValueError(
+            f"{module}: tensor-parallel style {hf_style!r} is not supported by tp_trainer "
+            f"(supported: {supported}). Override it with tp_plan={{'{module}': 'replicated'}} or another style."
+        ) from None
+
+
+def hf_plan_of(model: nn.Module) -> dict[str, str]:
+    """Full-name patterns -> HF style for ``model`` (empty when the model declares none)."""
+    plan = getattr(model, "_tp_plan", None)
+    if plan:
+        return dict(plan)
+    merged: dict[str, str] = {}
+    base_prefix = getattr(model, "base_model_prefix", "")
+    base_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+    has_base = base_prefix and hasattr(model, base_prefix)
+    for key, style in base_plan.items():
+        merged[f"{base_prefix}.{key}" if has_base else key] = style
+    merged.update(getattr(type(model), "_tp_plan", None) or {})
+    return merged

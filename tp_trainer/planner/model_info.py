@@ -1,0 +1,112 @@
+"""What the planner needs to know about a Hugging Face model: sizes, blocks and call order.
+
+Everything here reads the model; nothing modifies it. The call order comes from one forward
+pass of a twin of the model built on the ``meta`` device (no memory, no FLOPs), which is how
+the structural rules tell an output projection (called last in its sub-block) from an input
+projection without a list of module names.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    model_type: str
+
+
+def _first(cfg, names, default=None):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    hidden = _first(cfg, ["hidden_size", "n_embd", "d_model"])
+    heads = _first(cfg, ["num_attention_heads", "n_head", "num_heads"])
+    if hidden is None or heads is None:
+        raise ValueError(f"config {type(cfg).__name__} has no hidden size / head count the planner recognises; "
+                         "pass an explicit tp_plan")
+    kv = _first(cfg, ["num_key_value_heads", "num_kv_heads", "n_head_kv"])
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        kv = 1  # Falcon-7B style multi-query attention
+    kv = kv or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return ModelDims(hidden, heads, kv, head_dim, vocab, getattr(cfg, "model_type", type(model).__name__))
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+
+
+def call_order(model: nn.Module) -> list[str] | None:
+    """Names of parameter-owning modules in first-call order of a forward on a meta twin.
+
+    Returns ``None`` when the twin cannot be built or run (custom models); callers then fall
+    back to registration order.
+    """
+    try:
+        with torch.device("meta"):
+            twin = type(model)(copy.deepcopy(model.config))
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def hook(name):
+            def fn(mod, args):
+                if name not in seen:
+                    seen.add(name)
+                    order.append(name)
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in twin.named_modules()
+                   if any(True for _ in m.parameters(recurse=False))]
+        try:
+            with torch.no_grad():
+                twin(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+        return order
+    except Exception as err:  # a custom model we cannot twin: fall back, say so once
+        logger.info(f"tp_trainer planner: meta-device trace failed ({type(err).__name__}: {err}); "
+                    "using module registration order")
+        return None
+
+
+def layer_lists(model: nn.Module) -> list[str]:
+    """Names of the ModuleLists holding the repeated transformer blocks (the longest ones)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    longest = max(len(m) for _, m in lists)
+    return [n for n, m in lists if len(m) == longest and len({type(c) for c in m}) == 1]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features

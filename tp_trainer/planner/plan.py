@@ -1,0 +1,113 @@
+"""The sharding plan: a printable value that says, for every parameterised module, how it is split and why.
+
+A plan is computed by :func:`tp_trainer.planner.plan_tensor_parallel` without any process
+group and applied by :func:`tp_trainer.planner.apply_tensor_parallel`. It is pure data:
+
+* ``entries``: module name -> :class:`PlanEntry` (style, fused layout, source, reason);
+* ``patches``: attention modules whose head counts / split sizes must become per-rank values.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class Style(str, enum.Enum):
+    COLWISE = "colwise"                      # output dim split, f on the input
+    COLWISE_GATHER = "colwise_gather_output"  # ... then all-gather the output
+    ROWWISE = "rowwise"                      # input dim split, g on the output, bias after g
+    ROWWISE_SPLIT = "rowwise_split_input"    # ... on a replicated input it first splits
+    VOCAB_EMBEDDING = "vocab_embedding"      # rows of the vocabulary split
+    LM_HEAD = "vocab_lm_head"                # vocabulary split + vocab-parallel cross-entropy
+    REPLICATED = "replicated"                # full copy on every rank, identical gradients
+    REPLICATED_GRAD_SUM = "replicated_grad_sum"  # full copy fed split activations: grads summed over TP
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SHARDED_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT,
+                  Style.VOCAB_EMBEDDING, Style.LM_HEAD}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    style: Style
+    source: str  # "hf-plan", "rule", "user", "family"
+    reason: str
+    # Fused layout along the sharded dim: ((block_size, replicas), ...); None = one contiguous block.
+    blocks: tuple[tuple[int, int], ...] | None = None
+
+    def describe_layout(self) -> str:
+        if not self.blocks:
+            return ""
+        return " blocks " + "+".join(f"{s}" + (f"x{r}rep" if r > 1 else "") for s, r in self.blocks)
+
+
+@dataclass(frozen=True)
+class AttentionPatch:
+    """Per-rank values for an attention module: ``attrs`` are set on the module, ``config`` on a
+    private copy of its ``config`` (for modules that read head counts from ``self.config``)."""
+
+    attrs: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    tp_size: int
+    model_type: str
+    entries: dict[str, PlanEntry]
+    patches: dict[str, AttentionPatch] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def style_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.entries.values():
+            counts[e.style.value] = counts.get(e.style.value, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        """One line for the startup log."""
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.style_counts().items()))
+        sources = sorted({e.source for e in self.entries.values()})
+        return f"{self.model_type} tp={self.tp_size}: {counts} (sources: {', '.join(sources)})"
+
+    def table(self, *, collapse_layers: bool = True) -> str:
+        """Per-module style and reason; with ``collapse_layers`` repeated blocks print once as ``*``."""
+        rows: dict[str, tuple[str, str, str, int]] = {}
+        for name, e in self.entries.items():
+            key = re.sub(r"\.\d+\.", ".*.", name) if collapse_layers else name
+            row = (str(e.style) + e.describe_layout(), e.source, e.reason)
+            if key in rows and rows[key][:3] == row:
+                rows[key] = (*row, rows[key][3] + 1)
+            else:
+                rows[key if key not in rows else name] = (*row, 1)
+        width = max((len(k) for k in rows), default=10)
+        lines = [f"{'module':<{width}}  {'style':<28} {'source':<8} reason"]
+        for key, (style, source, reason, n) in rows.items():
+            lines.append(f"{key:<{width}}  {style:<28} {source:<8} {reason}" + (f"  [x{n}]" if n > 1 else ""))
+        for key, patch in self.patches.items():
+            lines.append(f"patch {key}: {patch.attrs or ''}{' config ' + str(patch.config) if patch.config else ''}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def pattern_to_regex(pattern: str) -> re.Pattern:
+    """HF plan keys: ``*`` matches one dotted component (a layer index)."""
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+
+
+def match_plan(patterns: dict[str, str], name: str) -> tuple[str, str] | None:
+    """The (pattern, style) of the most specific pattern matching ``name`` (fewest wildcards)."""
+    best = None
+    for pattern, style in patterns.items():
+        if pattern_to_regex(pattern).match(name):
+            if best is None or pattern.count("*") < best[0].count("*"):
+                best = (pattern, style)
+    return best

@@ -1,0 +1,94 @@
+"""``TPTrainer``: ``transformers.Trainer`` with tensor parallelism and ZeRO-1/2 over the dp group.
+
+Only the overrides live here; each delegates to a module that does the work:
+
+* ``__init__``: build the mesh (:mod:`.parallel.context`), plan and shard the model
+  (:mod:`.planner`) before the Trainer wraps anything, then make the accelerator mesh-aware
+  (:mod:`.accelerator`: dp-sharded dataloaders, dp-only metric gathering, no DDP);
+* ``create_optimizer``: wrap the Trainer's optimizer in :class:`~.zero.ShardedOptimizer`;
+* ``get_tp_size``: the Trainer divides token counts and the loss scale by it;
+* ``training_step``: the first step checks that a TP group received identical batches;
+* ``_track_num_input_tokens``: the Trainer sums token counts over all ranks, ``tp`` times too many.
+
+With ``tp_size=1`` and ``zero_stage=0`` nothing is overridden: it is the plain ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+
+from transformers import Trainer
+from transformers.utils import logging
+
+from .accelerator import TPAccelerator
+from .args import TPTrainingArguments
+from .checks import check_identical_across_tp
+from .parallel.context import ParallelContext
+from .planner import apply_tensor_parallel, plan_tensor_parallel
+from .zero import ShardedOptimizer
+
+logger = logging.get_logger(__name__)
+
+
+class TPTrainer(Trainer):
+    def __init__(self, model=None, args: TPTrainingArguments | None = None, *pos, **kwargs):
+        if args is None:
+            args = TPTrainingArguments(output_dir="tmp_trainer")
+        self.tp_context: ParallelContext | None = None
+        self.tp_plan = None
+        self._tp_batch_checked = False
+        active = getattr(args, "parallel_active", False)
+        if active:
+            if model is None:
+                raise ValueError("TPTrainer with tp_size > 1 or zero_stage > 0 needs a model instance: model_init "
+                                 "would build an unsharded model after the plan is made")
+            if kwargs.get("optimizers", (None, None))[0] is not None:
+                raise ValueError("TPTrainer shards the optimizer itself: pass optimizer_cls_and_kwargs=(cls, kwargs) "
+                                 "instead of a built optimizer")
+            context = ParallelContext.from_environment(args.tp_size)
+            plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
+            apply_tensor_parallel(model, plan, context)
+            self.tp_context, self.tp_plan = context, plan
+        super().__init__(model, args, *pos, **kwargs)
+        if active:
+            TPAccelerator.adopt(self.accelerator, self.tp_context)
+            pylogging.getLogger("tp_trainer").setLevel(logging.get_verbosity())
+            if self.args.should_log:
+                logger.info(self.startup_summary())
+
+    def startup_summary(self) -> str:
+        ctx, args = self.tp_context, self.args
+        local = sum(p.numel() for p in self.model.parameters())
+        gbs = args.per_device_train_batch_size * ctx.dp_size * args.gradient_accumulation_steps
+        return (f"tp_trainer: {ctx.describe()}\n"
+                f"  plan: {self.tp_plan.summary()}\n"
+                f"  zero_stage={args.zero_stage}; global batch = {args.per_device_train_batch_size} per device x "
+                f"dp {ctx.dp_size} x grad accum {args.gradient_accumulation_steps} = {gbs}\n"
+                f"  parameters on this rank: {local:,}")
+
+    @property
+    def tp_active(self) -> bool:
+        return self.tp_context is not None
+
+    def get_tp_size(self) -> int:
+        return self.tp_context.tp_size if self.tp_active else super().get_tp_size()
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.tp_active and not isinstance(optimizer, ShardedOptimizer):
+            self.optimizer = ShardedOptimizer(optimizer, self.tp_context, stage=self.args.zero_stage)
+            self.accelerator.tp_optimizer = self.optimizer
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.tp_active and not self._tp_batch_checked:
+            check_identical_across_tp(inputs, self.tp_context.tp_group, device=self.args.device)
+            self._tp_batch_checked = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _track_num_input_tokens(self, inputs):
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        if self.tp_active:
+            # every rank of a TP group saw the same tokens: the world-wide sum counts them tp times
+            self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.get_tp_size()

@@ -28,6 +28,23 @@ def _spec_factory(entry: PlanEntry, ctx: ParallelContext, *, pad: bool = False):
     return spec_for
 
 
+def _slice_alibi_hook(ctx: ParallelContext, local_heads: int):
+    """Keep this rank's heads of an ALiBi bias ``[batch * heads, 1, keys]`` computed for all heads."""
+    def hook(module, args, kwargs):
+        alibi = kwargs.get("alibi")
+        if alibi is None:
+            return None
+        heads = local_heads * ctx.tp_size
+        batch = alibi.shape[0] // heads
+        local = alibi.view(batch, heads, *alibi.shape[1:])[:, ctx.tp_rank * local_heads:(ctx.tp_rank + 1) * local_heads]
+        kwargs["alibi"] = local.reshape(batch * local_heads, *alibi.shape[1:])
+        return args, kwargs
+    return hook
+
+
+HOOKS = {"slice_alibi": _slice_alibi_hook}
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -86,7 +103,15 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             for key, value in patch.config.items():
                 setattr(cfg, key, value)
             mod.config = cfg
+        for hook in patch.hooks:
+            local_heads = plan_local_heads(model, plan)
+            mod.register_forward_pre_hook(HOOKS[hook](context, local_heads), with_kwargs=True)
     if lm_head is not None and hasattr(model, "loss_function"):
         model.loss_function = VocabParallelCausalLMLoss(lm_head)
     model.tp_plan_applied = plan
     return model
+
+
+def plan_local_heads(model: nn.Module, plan: Plan) -> int:
+    from .model_info import model_dims
+    return model_dims(model).heads // plan.tp_size

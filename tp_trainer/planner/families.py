@@ -65,3 +65,11 @@ def layout_blocks(layout: str, out_features: int, dims: ModelDims, tp: int) -> t
     if layout in ("head_interleaved", "kv_group_interleaved"):
         return None
     raise ValueError(f"unknown fused layout {layout!r}")
+
+
+# Attention modules that receive a per-head tensor computed for all heads outside them (ALiBi
+# biases of shape ``[batch * heads, 1, keys]``): each rank keeps the rows of its own heads.
+def attention_hooks(owner_cls: str, config) -> tuple[str, ...]:
+    if owner_cls == "BloomAttention" or (owner_cls == "FalconAttention" and getattr(config, "alibi", False)):
+        return ("slice_alibi",)
+    return ()

@@ -53,6 +53,7 @@ class AttentionPatch:
 
     attrs: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    hooks: tuple[str, ...] = ()  # names in tp_trainer.planner.apply.HOOKS
 
 
 @dataclass
@@ -89,8 +90,14 @@ class Plan:
         lines = [f"{'module':<{width}}  {'style':<28} {'source':<8} reason"]
         for key, (style, source, reason, n) in rows.items():
             lines.append(f"{key:<{width}}  {style:<28} {source:<8} {reason}" + (f"  [x{n}]" if n > 1 else ""))
+        patch_rows: dict[str, tuple[str, int]] = {}
         for key, patch in self.patches.items():
-            lines.append(f"patch {key}: {patch.attrs or ''}{' config ' + str(patch.config) if patch.config else ''}")
+            text = (f"{patch.attrs or ''}{' config ' + str(patch.config) if patch.config else ''}"
+                    f"{' hooks ' + ','.join(patch.hooks) if patch.hooks else ''}")
+            k = re.sub(r"\.\d+\.", ".*.", key) if collapse_layers else key
+            patch_rows[k] = (text, patch_rows.get(k, (text, 0))[1] + 1)
+        for key, (text, n) in patch_rows.items():
+            lines.append(f"patch {key}: {text}" + (f"  [x{n}]" if n > 1 else ""))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

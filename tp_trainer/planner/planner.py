@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch.nn as nn
 
-from .families import fused_layout, kv_replicas, layout_blocks
+from .families import attention_hooks, fused_layout, kv_replicas, layout_blocks
 from .hf_plan import hf_plan_of, translate_hf_style
 from .model_info import ModelDims, call_order, is_linear, layer_lists, linear_shape, model_dims
 from .plan import AttentionPatch, Plan, PlanEntry, Style, match_plan
@@ -244,6 +244,7 @@ def _attention_patches(model, modules, plan: Plan, dims: ModelDims, tp: int) -> 
             for key, local in (("num_attention_heads", local_h), ("num_key_value_heads", local_kv)):
                 if getattr(cfg, key, None) is not None:
                     config[key] = local
-        if attrs or config:
-            patches[owner] = AttentionPatch(attrs=attrs, config=config)
+        hooks = attention_hooks(type(mod).__name__, model.config)
+        if attrs or config or hooks:
+            patches[owner] = AttentionPatch(attrs=attrs, config=config, hooks=hooks)
     return patches

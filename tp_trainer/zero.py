@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .parallel.collectives import all_gather_flat, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import masked_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
 
@@ -159,7 +160,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             b.grad.add_(flat)
             return
         out = torch.empty_like(b.grad)
-        dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+        reduce_scatter_flat(out, flat, self.dp_group, op=dist.ReduceOp.AVG)
         b.grad.add_(out)
 
     def _register_reduce_hooks(self) -> None:
@@ -274,7 +275,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             else:
                 dtype = b.params[0].dtype if all(p.dtype == b.params[0].dtype for p in b.params) else torch.float32
                 full = torch.empty(b.padded, dtype=dtype, device=b.master.device)
-                dist.all_gather_into_tensor(full, b.master.to(dtype), group=self.dp_group)
+                all_gather_flat(full, b.master.to(dtype), self.dp_group)
             for p, off in zip(b.params, b.offsets):
                 p.data.copy_(full[off:off + p.numel()].view_as(p))
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_flat
+
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group is None:
@@ -47,9 +49,9 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     # all_gather_into_tensor stacks along dim 0 in a single buffer (one collective, no list of
     # tensors); moving the gathered dim to the end afterwards is one copy.
-    out = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out.movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
+    out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    all_gather_flat(out, x, group)
+    return out.view(size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -1,0 +1,1 @@
+"""One module per ``tp-trainer`` command; each has ``HELP`` and ``main(argv) -> int``."""

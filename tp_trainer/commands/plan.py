@@ -1,0 +1,65 @@
+"""``tp-trainer plan MODEL_DIR_OR_CONFIG --tp-size N``: print the sharding plan, per module, with reasons.
+
+The model is built on the ``meta`` device from its config (no weights are read or allocated),
+so planning a 70B model takes a second. The argument is a model directory, a ``config.json``
+or a model type known to transformers (``llama``, ``gpt2``, ...) for its default config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HELP = "print how every module of a model is split for a tp size, and why"
+
+
+def load_config(spec: str):
+    """A ``PretrainedConfig`` from a directory, a config.json path or a model type name (offline)."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(spec):
+        return AutoConfig.from_pretrained(spec, local_files_only=True)
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            data = json.load(f)
+        if "model_type" not in data:
+            raise ValueError(f"{spec}: config.json has no 'model_type'")
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    try:
+        return AutoConfig.for_model(spec)
+    except ValueError:
+        raise ValueError(f"{spec!r} is neither a model directory, a config.json nor a known model type") from None
+
+
+def meta_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tp-trainer plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model directory, config.json, or model type")
+    parser.add_argument("--tp-size", type=int, required=True)
+    parser.add_argument("--tp-plan", default=None, help="JSON mapping of module patterns to styles (overrides)")
+    parser.add_argument("--full", action="store_true", help="one row per module instead of one per layer pattern")
+    args = parser.parse_args(argv)
+
+    from ..planner import PlanError, plan_tensor_parallel
+
+    try:
+        config = load_config(args.model)
+        model = meta_model(config)
+        user_plan = json.loads(args.tp_plan) if args.tp_plan else None
+        plan = plan_tensor_parallel(model, args.tp_size, user_plan=user_plan)
+    except (ValueError, PlanError, OSError) as err:
+        print(f"tp-trainer plan: cannot plan {args.model} at tp_size={args.tp_size}: {err}", file=sys.stderr)
+        return 1
+    print(plan.table(collapse_layers=not args.full))
+    print(f"\nsummary: {plan.summary()}")
+    return 0

@@ -40,7 +40,7 @@ def translate_hf_style(hf_style: str, *, module: str) -> tuple[Style, str]:
 def hf_plan_of(model: nn.Module) -> dict[str, str]:
     """Full-name patterns -> HF style for ``model`` (empty when the model declares none)."""
     plan = getattr(model, "_tp_plan", None)
-    if plan:
+    if plan is not None:  # transformers >= 5 merged it at post_init (an empty dict means: no plan)
         return dict(plan)
     merged: dict[str, str] = {}
     base_prefix = getattr(model, "base_model_prefix", "")

@@ -314,3 +314,91 @@ class ShardedOptimizer(torch.optim.Optimizer):
         state = sum(t.numel() for s in self.inner.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.dim() > 0)
         return {"params": sum(p.numel() for p in self.params), "master": master, "optimizer_state": state}
+
+    # ----------------------------------------------------------------------------- checkpoint export/import
+    # Topology-independent optimizer state (used by tp_trainer.checkpoint): every piece of state is
+    # addressed by (parameter, flat range inside that parameter's *local* TP tensor). Together with
+    # the parameter's ShardSpec this places it in the full Hugging Face tensor, so a checkpoint can
+    # be re-partitioned for any other tp size, dp size or ZeRO stage.
+
+    @property
+    def state_replicated_over_dp(self) -> bool:
+        """Stage 0 keeps the whole optimizer state on every dp rank (one dp rank need save it)."""
+        return self.stage == 0
+
+    def export_state_pieces(self):
+        """Yield ``(param, lo, hi, master, state)`` for every piece of state this rank holds.
+
+        ``master`` is the fp32 master slice (1-D, ``hi - lo`` elements) of ``param``'s flat local
+        tensor, ``state`` maps the inner optimizer's keys to 1-D slices of the same range (0-dim
+        tensors such as Adam's ``step`` as they are). Nothing is copied.
+        """
+        if self.stage == 0:
+            for p in self.params:
+                m = self.master_of[id(p)]
+                yield p, 0, p.numel(), m.detach().reshape(-1), self._flat_state(self.inner.state.get(m, {}))
+            return
+        for b in self.buckets:
+            for piece in b.pieces:
+                lo, hi = piece.param_range
+                yield piece.param, lo, hi, piece.master.detach(), self._flat_state(self.inner.state.get(piece.master, {}))
+
+    @staticmethod
+    def _flat_state(state: dict) -> dict:
+        out = {}
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor: it cannot be "
+                                "re-partitioned; use a torch optimizer whose state is made of tensors")
+            out[key] = value.reshape(-1) if value.dim() > 0 else value
+        return out
+
+    @torch.no_grad()
+    def import_state_pieces(self, fetch) -> None:
+        """Fill masters and optimizer state from ``fetch(param, lo, hi) -> (master or None, state)``.
+
+        ``master`` (1-D fp32, ``hi - lo`` elements) replaces the master slice; ``None`` re-copies it
+        from the (already loaded) model parameter. ``state`` holds 1-D slices and 0-dim tensors as
+        :meth:`export_state_pieces` produces them.
+        """
+        if self.stage == 0:
+            for p in self.params:
+                m = self.master_of[id(p)]
+                master, state = fetch(p, 0, p.numel())
+                if m is not p:
+                    m.data.copy_((master if master is not None else p.detach().float()).view_as(m))
+                elif master is not None:
+                    p.data.copy_(master.view_as(p))
+                self.inner.state[m] = {k: (v.view_as(m) if v.dim() > 0 else v).clone().to(m.device)
+                                       for k, v in state.items()}
+            return
+        for b in self.buckets:
+            for piece in b.pieces:
+                lo, hi = piece.param_range
+                master, state = fetch(piece.param, lo, hi)
+                src = master if master is not None else piece.param.detach().reshape(-1)[lo:hi]
+                piece.master.data.copy_(src)
+                self.inner.state[piece.master] = {k: v.clone().to(piece.master.device) for k, v in state.items()}
+
+    @torch.no_grad()
+    def iter_local_masters(self, params):
+        """Yield ``(param, fp32 local tensor)`` for ``params`` in the given order (collective over dp).
+
+        Stage 1/2 all-gather one bucket's master shards at a time (every dp rank must iterate the
+        same sequence); stage 0 returns the master itself.
+        """
+        owner = {id(p): (b, off) for b in getattr(self, "buckets", []) for p, off in zip(b.params, b.offsets)}
+        cached = (None, None)
+        for p in params:
+            if self.stage == 0 or id(p) not in owner:  # stage 0, or a frozen parameter (no master)
+                yield p, getattr(self, "master_of", {}).get(id(p), p).detach().view_as(p)
+                continue
+            b, off = owner[id(p)]
+            if cached[0] is not b:
+                if self.dp_group is None:
+                    full = b.master
+                else:
+                    full = torch.empty(b.padded, dtype=torch.float32, device=b.master.device)
+                    all_gather_flat(full, b.master, self.dp_group)
+                cached = (b, full)
+            yield p, cached[1][off:off + p.numel()].view_as(p)

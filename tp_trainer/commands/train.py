@@ -1,0 +1,150 @@
+"""``tp-trainer train RECIPE.yaml [--field value ...]``: supervised fine-tuning from a recipe.
+
+The flow on every rank (identical inputs, so every rank of a TP group builds identical batches):
+
+1. parse the recipe (:mod:`tp_trainer.recipe`), all validation before any work;
+2. outside a launcher, re-run through ``torch.distributed.run`` with ``nproc_per_node`` ranks
+   (:mod:`tp_trainer.launch`), after preparing the built-in assets once in the parent;
+3. load the tokenizer and the model (a directory, or the generated initial built-in model),
+   load + validate + tokenize the Alpaca data (:mod:`tp_trainer.data.sft`);
+4. ``TPTrainer(...).train()`` with the Trainer's progress bar; ``save_model(final_model_dir)``;
+5. on the main process: ``log_history.json`` (the loss curve) and, with ``eval_after_train``,
+   exact-match accuracy per task and eval loss of the saved model and of the model before SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..recipe import Recipe, make_parser, parse_recipe, peek, world_size_env
+
+HELP = "supervised fine-tuning from a recipe YAML (self-launches its torch.distributed world)"
+
+
+# ------------------------------------------------------------------------------------ paths
+def data_dir(recipe: Recipe) -> str:
+    return recipe.data.data_dir or os.path.join(recipe.training.output_dir, "builtin")
+
+
+def final_model_dir(recipe: Recipe) -> str:
+    return recipe.job.final_model_dir or os.path.join(recipe.training.output_dir, "final")
+
+
+def resolve_assets(recipe: Recipe) -> dict[str, str | None]:
+    """Paths of train/eval data, tokenizer and model; generates the built-in ones (idempotent)."""
+    from ..data.builtin import is_builtin, prepare_builtin
+
+    model, data = recipe.model, recipe.data
+    builtin_model = is_builtin(model.model_name_or_path)
+    paths = {"train": data.train_file, "eval": data.eval_file, "model": model.model_name_or_path,
+             "tokenizer": model.tokenizer_name_or_path}
+    if data.train_file is None or builtin_model:
+        generated = prepare_builtin(
+            data_dir(recipe), model_name=model.model_name_or_path if builtin_model else None,
+            train_size=data.generated_train_size, eval_size=data.generated_eval_size, tasks=data.task_names(),
+            seed=data.generated_seed, model_seed=recipe.training.seed)
+        if data.train_file is None:
+            paths["train"] = generated["train"]
+            paths["eval"] = data.eval_file or generated["eval"]
+        if builtin_model:
+            paths["model"] = generated["model"]
+    elif not os.path.isdir(model.model_name_or_path):
+        raise ValueError(f"model_name_or_path {model.model_name_or_path!r} is neither a local model directory nor a "
+                         f"built-in config (tp_trainer.data.builtin.BUILTIN_MODELS); nothing is downloaded")
+    paths["tokenizer"] = paths["tokenizer"] or paths["model"]
+    return paths
+
+
+# ------------------------------------------------------------------------------------ training
+def load_model_and_tokenizer(paths: dict, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], local_files_only=True)
+    if tokenizer.pad_token is None:  # Llama tokenizers ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch_dtype, local_files_only=True)
+    return model, tokenizer
+
+
+def load_datasets(paths: dict, tokenizer, recipe: Recipe):
+    from ..data.sft import load_alpaca, tokenize_sft
+
+    data = recipe.data
+    train = tokenize_sft(load_alpaca(paths["train"]), tokenizer, max_length=data.max_length, packing=data.packing)
+    evaluation = None
+    if paths["eval"]:
+        evaluation = tokenize_sft(load_alpaca(paths["eval"]), tokenizer, max_length=data.max_length)
+    return train, evaluation
+
+
+def build_trainer(recipe: Recipe, paths: dict):
+    from ..data.sft import SFTDataCollator
+    from ..trainer import TPTrainer
+
+    model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
+    train, evaluation = load_datasets(paths, tokenizer, recipe)
+    return TPTrainer(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
+                     data_collator=SFTDataCollator(tokenizer), processing_class=tokenizer)
+
+
+def summary(trainer) -> str:
+    if trainer.tp_active:
+        return trainer.startup_summary()
+    args = trainer.args
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return (f"tp_trainer: world={args.world_size} (data parallel only, zero_stage=0); global batch = "
+            f"{args.per_device_train_batch_size} x {args.world_size} x {args.gradient_accumulation_steps} = "
+            f"{args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps}\n"
+            f"  parameters on this rank: {params:,}")
+
+
+def train(recipe: Recipe) -> int:
+    args = recipe.training
+    paths = resolve_assets(recipe)
+    trainer = build_trainer(recipe, paths)
+    if args.should_log:
+        print(summary(trainer), flush=True)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    out = final_model_dir(recipe)
+    trainer.save_model(out)
+    if args.should_save:
+        with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        print(f"tp_trainer: saved the trained model to {out}", flush=True)
+        if recipe.job.eval_after_train and paths["eval"]:
+            from .eval import evaluate_and_report
+
+            before = paths["model"] if os.path.abspath(paths["model"]) != os.path.abspath(out) else None
+            evaluate_and_report({"before SFT": before, "after SFT": out}, paths["eval"], recipe.data.max_length,
+                                max_new_tokens=recipe.data.eval_max_new_tokens, limit=recipe.job.eval_limit,
+                                json_path=os.path.join(args.output_dir, "eval_results.json"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ entry point
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: tp-trainer train [RECIPE.yaml] [--field value ...]\n\n" + __doc__)
+        make_parser().print_help()
+        return 0
+    from ..launch import check_nproc, default_nproc, relaunch, under_launcher, use_cpu_world_if_no_gpu
+
+    try:
+        if under_launcher():
+            use_cpu_world_if_no_gpu()
+            return train(parse_recipe(argv))
+        nproc = peek(argv, "nproc_per_node") or default_nproc(peek(argv, "tp_size") or 1)
+        with world_size_env(nproc):  # validate the recipe as the ranks will see it, before launching them
+            recipe = parse_recipe(argv)
+        check_nproc(nproc, recipe.training.tp_size)
+        resolve_assets(recipe)  # generate the built-in assets once here rather than racing in every rank
+    except ValueError as err:
+        print(f"tp-trainer train: {err}", file=sys.stderr)
+        return 2
+    if nproc > 1:
+        return relaunch(["train", *argv], nproc)
+    return train(recipe)

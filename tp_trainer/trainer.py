@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .accelerator import TPAccelerator
 from .args import TPTrainingArguments
 from .checks import check_identical_across_tp
+from . import checkpoint, export
 from .parallel.context import ParallelContext
 from .planner import apply_tensor_parallel, plan_tensor_parallel
 from .zero import ShardedOptimizer
@@ -92,3 +93,51 @@ class TPTrainer(Trainer):
         if self.tp_active:
             # every rank of a TP group saw the same tokens: the world-wide sum counts them tp times
             self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.get_tp_size()
+
+
+    # ==================================================================== checkpoints (begin)
+    # Owned by the checkpoint work (tp_trainer.checkpoint / tp_trainer.export). With tp_size=1 and
+    # zero_stage=0 the Trainer writes its own format untouched; sharded checkpoints (they carry a
+    # tp_checkpoint.json) are read by any layout, including that plain one.
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.tp_active:
+            return super().save_model(output_dir, _internal_call)
+        export.save_model(self.model, output_dir or self.args.output_dir, context=self.tp_context,
+                          dtype=export.resolve_save_dtype(self.args, self.model), optimizer=self.optimizer,
+                          processing_class=self.processing_class, training_args=self.args,
+                          is_main=self.args.should_save)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if not self.tp_active:
+            return super()._save_checkpoint(model, trial)
+        checkpoint.save_training_checkpoint(self, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not checkpoint.is_sharded_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reader = checkpoint.CheckpointReader.open(resume_from_checkpoint, model=self.model, ctx=self.tp_context)
+        checkpoint.load_model_weights(reader, self.model)  # validated above: nothing was modified before
+
+    def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
+        if not checkpoint.is_sharded_checkpoint(checkpoint_dir):
+            return super()._load_optimizer_and_scheduler(checkpoint_dir)
+        reader = checkpoint.CheckpointReader.open(checkpoint_dir, check_files=False)
+        checkpoint.load_optimizer_state(reader, self.model, self.optimizer)
+        checkpoint.load_scheduler(checkpoint_dir, self.lr_scheduler)
+
+    def _load_rng_state(self, checkpoint_dir: str | None) -> None:
+        if not checkpoint.is_sharded_checkpoint(checkpoint_dir):
+            return super()._load_rng_state(checkpoint_dir)
+        tp = self.tp_context.tp_size if self.tp_active else 1
+        reader = checkpoint.CheckpointReader.open(checkpoint_dir, check_files=False)
+        checkpoint.load_rng_state(checkpoint_dir, reader.manifest, tp=tp, dp=self.args.world_size // tp,
+                                  rank=self.args.process_index)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if not checkpoint.is_sharded_checkpoint(best):
+            return super()._load_best_model()
+        logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
+        reader = checkpoint.CheckpointReader.open(best, model=self.model, ctx=self.tp_context)
+        checkpoint.load_model_weights(reader, self.model)
+    # ==================================================================== checkpoints (end)

@@ -70,10 +70,6 @@ class DataArguments:
         for name in ("generated_train_size", "generated_eval_size", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_file is not None and not os.path.isfile(self.train_file):
-            raise ValueError(f"train_file {self.train_file!r} does not exist (omit it to use the generated tasks)")
-        if self.eval_file is not None and not os.path.isfile(self.eval_file):
-            raise ValueError(f"eval_file {self.eval_file!r} does not exist")
         self.task_names()  # unknown task names fail now
 
     def task_names(self) -> list[str] | None:

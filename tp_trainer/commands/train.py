@@ -54,6 +54,9 @@ def resolve_assets(recipe: Recipe) -> dict[str, str | None]:
         raise ValueError(f"model_name_or_path {model.model_name_or_path!r} is neither a local model directory nor a "
                          f"built-in config (tp_trainer.data.builtin.BUILTIN_MODELS); nothing is downloaded")
     paths["tokenizer"] = paths["tokenizer"] or paths["model"]
+    for key in ("train", "eval"):
+        if paths[key] is not None and not os.path.isfile(paths[key]):
+            raise ValueError(f"{key}_file {paths[key]!r} does not exist (omit train_file to use the generated tasks)")
     return paths
 
 

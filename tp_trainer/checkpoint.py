@@ -161,7 +161,8 @@ def _set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.random.set_rng_state(states["cpu"])
     if torch.cuda.is_available() and "cuda" in states:
-        torch.cuda.random.set_rng_state(states["cuda"])
+        cuda = states["cuda"]  # the Trainer saves all devices' states in distributed runs
+        torch.cuda.random.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 # ============================================================================ saving
@@ -445,6 +446,117 @@ class CheckpointReader:
         return spec.unshard(locals_) if spec is not None else locals_[0]
 
 
+    def param_groups(self) -> tuple[list[dict], str]:
+        """The optimizer's param-group hyper-parameters (no params) and the file they come from."""
+        groups_file = os.path.join(self.path, GROUPS)
+        return torch.load(groups_file, weights_only=True), groups_file
+
+
+class HFCheckpointReader:
+    """The same reading interface over a checkpoint of the plain ``Trainer`` (tp=1, zero 0).
+
+    ``model.safetensors`` (or its index) holds full tensors by name; ``optimizer.pt`` is a torch
+    optimizer state dict whose integer parameter ids follow the Trainer's param-group order,
+    i.e. ``param_names`` (the trained parameters in optimizer order, which every layout shares).
+    """
+
+    def __init__(self, path: str, param_names: list[str]):
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.weight_file = json.load(f)["weight_map"]
+        else:
+            single = os.path.join(path, "model.safetensors")
+            if not os.path.isfile(single):
+                raise CheckpointError(f"{path} holds neither {MANIFEST} nor model.safetensors(.index.json): "
+                                      "not a tp_trainer or Trainer checkpoint")
+            with safe_open(single, framework="pt") as f:
+                self.weight_file = {k: "model.safetensors" for k in f.keys()}
+        self.param_names = param_names
+        self.optim_file = os.path.join(path, "optimizer.pt")
+        self.pieces = os.path.isfile(self.optim_file)
+        self._optim = None
+        self._handles = {}
+
+    def check_model(self, model) -> list[str]:
+        errors = []
+        for name, p in list(model.named_parameters()) + list(_persistent_buffers(model)):
+            if name not in self.weight_file:
+                errors.append(f"{self.path} has no tensor {name}: it is a checkpoint of a different model")
+                continue
+            with safe_open(os.path.join(self.path, self.weight_file[name]), framework="pt") as f:
+                shape = list(f.get_slice(name).get_shape())
+            if shape != _full_shape(p):
+                errors.append(f"{self.weight_file[name]} in {self.path}: {name} has shape {shape}, this model "
+                              f"{_full_shape(p)}: a checkpoint of a different model")
+        return errors
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        fname = self.weight_file[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="pt", device="cpu")
+        return self._handles[fname].get_tensor(name)
+
+    def _optimizer(self) -> dict:
+        if self._optim is None:
+            self._optim = torch.load(self.optim_file, map_location="cpu", weights_only=True)
+            n_saved = sum(len(g["params"]) for g in self._optim["param_groups"])
+            if n_saved != len(self.param_names):
+                raise CheckpointError(f"{self.optim_file} holds state for {n_saved} parameters, this optimizer "
+                                      f"trains {len(self.param_names)}: a different model or optimizer setup")
+            order = [i for g in self._optim["param_groups"] for i in g["params"]]
+            self._index = {name: i for name, i in zip(self.param_names, order)}
+        return self._optim
+
+    def state_keys(self, name: str) -> list[str]:
+        return list(self._optimizer()["state"].get(self._index[name], {}))
+
+    def full_state(self, name: str, key: str) -> torch.Tensor:
+        return self._optimizer()["state"][self._index[name]][key]
+
+    def param_groups(self) -> tuple[list[dict], str]:
+        return [{k: v for k, v in g.items() if k != "params"} for g in self._optimizer()["param_groups"]], \
+            self.optim_file
+
+
+def open_trainer_checkpoint(path: str, *, model, optimizer=None, ctx=None) -> HFCheckpointReader:
+    """Validate a plain Trainer checkpoint against ``model`` (all ranks raise together) and return a reader."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = unwrap_optimizer(optimizer)
+    if isinstance(opt, ShardedOptimizer):
+        order = [names[id(p)] for p in opt.params]
+    elif opt is not None:
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    else:
+        order = [n for n, p in model.named_parameters() if p.requires_grad]
+    errors, reader = [], None
+    try:
+        reader = HFCheckpointReader(path, order)
+        errors = reader.check_model(model)
+    except CheckpointError as err:
+        errors = [str(err)]
+    all_errors = list(dict.fromkeys(e for rank_errors in _all_gather_object(errors, ctx) for e in rank_errors))
+    if all_errors:
+        raise CheckpointError("cannot load checkpoint: " + "; ".join(all_errors[:5]))
+    return reader
+
+
+def load_trainer_rng_state(path: str, *, tp: int, rank: int) -> str | None:
+    """RNG states of a plain Trainer checkpoint: new TP group ``d`` takes old (dp-only) rank ``d``'s."""
+    dp_rank = rank // tp
+    candidates = [f"rng_state_{dp_rank}.pth"] + (["rng_state.pth"] if dp_rank == 0 else [])
+    for fname in candidates:
+        fpath = os.path.join(path, fname)
+        if os.path.isfile(fpath):
+            from transformers.trainer_pt_utils import safe_globals
+
+            with safe_globals():
+                _set_rng_states(torch.load(fpath, weights_only=True))
+            return fpath
+    return None
+
+
 def _read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
@@ -509,6 +621,15 @@ def load_model_weights(reader: CheckpointReader, model) -> None:
         b.copy_(reader.full_tensor(name))
 
 
+def refresh_master_weights(optimizer) -> None:
+    """Copy the model weights into a ShardedOptimizer's fp32 masters; its moments are kept."""
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, ShardedOptimizer):
+        return
+    kept = {(id(p), lo): dict(state) for p, lo, hi, _, state in opt.export_state_pieces()}
+    opt.import_state_pieces(lambda p, lo, hi: (None, kept[(id(p), lo)]))
+
+
 def _local_flat(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     """This rank's flat local tensor of a full state tensor (0-dim states pass through)."""
     if full.dim() == 0:
@@ -519,6 +640,9 @@ def _local_flat(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
 @torch.no_grad()
 def load_optimizer_state(reader: CheckpointReader, model, optimizer) -> None:
     """Re-partition the saved optimizer state into ``optimizer`` (ShardedOptimizer or a plain one)."""
+    if not reader.pieces and isinstance(reader, HFCheckpointReader):
+        logger.warning(f"{reader.path} has no optimizer.pt: the optimizer starts fresh (as the Trainer does)")
+        return
     if not reader.pieces:
         raise CheckpointError(f"{reader.path} holds no optimizer state (saved with save_only_model?): "
                               "resume with ignore_data_skip and a fresh optimizer, or from another checkpoint")
@@ -545,8 +669,7 @@ def load_optimizer_state(reader: CheckpointReader, model, optimizer) -> None:
                     p.data.copy_(master.view_as(p))
                 optimizer.state[p] = {k: (v.view_as(p) if v.dim() else v).clone().to(p.device)
                                       for k, v in state.items()}
-    groups_file = os.path.join(reader.path, GROUPS)
-    saved = torch.load(groups_file, weights_only=True)
+    saved, groups_file = reader.param_groups()
     if len(saved) != len(optimizer.param_groups):
         raise CheckpointError(f"{groups_file} has {len(saved)} optimizer param groups, this optimizer has "
                               f"{len(optimizer.param_groups)}: was it built the same way (optim, weight decay)?")
@@ -584,3 +707,10 @@ def load_rng_state(path: str, manifest: dict, *, tp: int, dp: int, rank: int) ->
     with safe_globals():
         _set_rng_states(torch.load(fname, weights_only=True))
     return fname
+
+
+def restore_rng_state(path: str, *, tp: int, dp: int, rank: int) -> str | None:
+    """This rank's RNG states from a sharded or a plain Trainer checkpoint (see the two loaders)."""
+    if is_sharded_checkpoint(path):
+        return load_rng_state(path, _read_manifest(path), tp=tp, dp=dp, rank=rank)
+    return load_trainer_rng_state(path, tp=tp, rank=rank)

@@ -94,7 +94,6 @@ class TPTrainer(Trainer):
             # every rank of a TP group saw the same tokens: the world-wide sum counts them tp times
             self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.get_tp_size()
 
-
     # ==================================================================== checkpoints (begin)
     # Owned by the checkpoint work (tp_trainer.checkpoint / tp_trainer.export). With tp_size=1 and
     # zero_stage=0 the Trainer writes its own format untouched; sharded checkpoints (they carry a
@@ -112,32 +111,44 @@ class TPTrainer(Trainer):
             return super()._save_checkpoint(model, trial)
         checkpoint.save_training_checkpoint(self, trial)
 
+    def _checkpoint_reader(self, path: str | None, *, validate: bool):
+        """Reader of a sharded checkpoint (any layout) or, under TP, of a plain Trainer one; None: the Trainer's way.
+
+        ``validate`` checks files and model compatibility on every rank before anything is loaded.
+        """
+        if checkpoint.is_sharded_checkpoint(path):
+            return checkpoint.CheckpointReader.open(path, model=self.model if validate else None,
+                                                    ctx=self.tp_context if validate else None, check_files=validate)
+        if self.tp_active and path is not None:
+            return checkpoint.open_trainer_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                      ctx=self.tp_context)
+        return None
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if not checkpoint.is_sharded_checkpoint(resume_from_checkpoint):
+        reader = self._checkpoint_reader(resume_from_checkpoint, validate=True)
+        if reader is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reader = checkpoint.CheckpointReader.open(resume_from_checkpoint, model=self.model, ctx=self.tp_context)
         checkpoint.load_model_weights(reader, self.model)  # validated above: nothing was modified before
 
     def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
-        if not checkpoint.is_sharded_checkpoint(checkpoint_dir):
+        reader = self._checkpoint_reader(checkpoint_dir, validate=False)
+        if reader is None:
             return super()._load_optimizer_and_scheduler(checkpoint_dir)
-        reader = checkpoint.CheckpointReader.open(checkpoint_dir, check_files=False)
         checkpoint.load_optimizer_state(reader, self.model, self.optimizer)
         checkpoint.load_scheduler(checkpoint_dir, self.lr_scheduler)
 
     def _load_rng_state(self, checkpoint_dir: str | None) -> None:
-        if not checkpoint.is_sharded_checkpoint(checkpoint_dir):
+        if checkpoint_dir is None or not (self.tp_active or checkpoint.is_sharded_checkpoint(checkpoint_dir)):
             return super()._load_rng_state(checkpoint_dir)
         tp = self.tp_context.tp_size if self.tp_active else 1
-        reader = checkpoint.CheckpointReader.open(checkpoint_dir, check_files=False)
-        checkpoint.load_rng_state(checkpoint_dir, reader.manifest, tp=tp, dp=self.args.world_size // tp,
-                                  rank=self.args.process_index)
+        checkpoint.restore_rng_state(checkpoint_dir, tp=tp, dp=self.args.world_size // tp,
+                                     rank=self.args.process_index)
 
     def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        if not checkpoint.is_sharded_checkpoint(best):
+        reader = self._checkpoint_reader(self.state.best_model_checkpoint, validate=True)
+        if reader is None:
             return super()._load_best_model()
-        logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
-        reader = checkpoint.CheckpointReader.open(best, model=self.model, ctx=self.tp_context)
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
         checkpoint.load_model_weights(reader, self.model)
+        checkpoint.refresh_master_weights(self.optimizer)  # ZeRO's fp32 masters follow the loaded weights
     # ==================================================================== checkpoints (end)

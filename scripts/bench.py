@@ -1,0 +1,593 @@
+"""Benchmark tp_trainer against itself (layouts) and its peers, on one Llama-shaped model, in one run.
+
+Usage (the README's table comes from exactly this)::
+
+    python scripts/bench.py --out bench.json                 # every layout, fp32 and bf16, peers if installed
+    python scripts/bench.py --layouts single tp2 --dtypes fp32 --steps 3 --warmup 1 --peers none
+
+The parent process writes the initial model once (``save_pretrained`` of a seeded
+``LlamaConfig``), then launches one ``torchrun --monitor-interval 5`` job per (runner, dtype)
+with ``OMP_NUM_THREADS`` threads per rank. Every job trains the same global batch
+(``--batch`` x ``--seq`` random token ids per step, split over dp ranks) from the same
+weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, per rank:
+
+* the loss of every step (warm-up included) and the wall time of the measured steps;
+  a step is forward + backward + clipping + optimizer step + zero_grad, started after a
+  barrier, and its time is the slowest rank's;
+* memory: parameters, gradients and optimizer states counted from the live tensors (each
+  storage once), and the rest = the peak resident set size sampled after forward, backward
+  and step minus the RSS before the model existed minus those three;
+* bytes per collective of one extra (untimed) step, recorded by a ``TorchDispatchMode``
+  that sees every ``c10d``/functional/DeepSpeed collective op: the size of the full buffer
+  each collective operates on (all-reduce: the tensor; all-gather: the gathered output;
+  reduce-scatter: the input), per rank.
+
+The correctness gate: every layout's per-step loss (averaged over dp ranks, whose halves of
+the batch have equal token counts) must equal the single-process loss of the same steps
+within ``LOSS_TOL[dtype]``, else its speed is not reported and the run exits non-zero.
+Peers (DeepSpeed AutoTP + ZeRO-1, transformers' native TP) are optional: they run when
+importable, their loss match is shown, and the table gives our tp=2 time over theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+# Loss agreement with the single-process run over the same steps. fp32: the TP/DP runs sum
+# the same products in a different order (split matmuls + all-reduce), ~1e-6 relative per
+# op; after a few AdamW steps at lr 1e-3 the loss (~8.3) differs by < 1e-4 (measured 2e-6).
+# bf16: weights and activations carry 8 mantissa bits (relative step 2^-8 = 0.4%); the
+# split matmuls round their partial sums to bf16 before the all-reduce, so the loss moves
+# by ~1e-3 relative per step; 3e-2 absolute on a loss of ~8 is ~10 bf16 ulps of the loss.
+LOSS_TOL = {"fp32": 1e-4, "bf16": 3e-2}
+
+# name -> (world size, tp size, zero stage)
+LAYOUTS = {
+    "single": (1, 1, 0),
+    "dp2": (2, 1, 0),
+    "tp2": (2, 2, 0),
+    "tp2_zero1": (2, 2, 1),
+    "tp2_zero2": (2, 2, 2),
+    "tp2xdp2": (4, 2, 1),
+}
+PEERS = {"deepspeed_autotp": "deepspeed", "hf_native_tp": "transformers"}
+
+
+@dataclass
+class BenchConfig:
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 4096
+    batch: int = 4
+    seq: int = 256
+    steps: int = 5
+    warmup: int = 2
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 1
+
+
+# ================================================================================ worker side
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _CollectiveCounter:
+    """Bytes per collective kind, recorded from the dispatcher (sees c10d, functional and DeepSpeed ops)."""
+
+    KINDS = (("reduce_scatter", "reduce_scatter"), ("all_reduce", "allreduce"), ("all_reduce", "all_reduce"),
+             ("all_gather", "allgather"), ("all_gather", "all_gather"), ("broadcast", "broadcast"))
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.namespace in ("c10d", "_c10d_functional", "deepspeed"):
+                    counter.record(func.__name__, args, out)
+                return out
+
+        self.mode = Mode()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    @staticmethod
+    def _nbytes(obj) -> int:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, (list, tuple)):
+            return sum(_CollectiveCounter._nbytes(o) for o in obj)
+        return 0
+
+    def record(self, name: str, args, out) -> None:
+        kind = next((k for k, key in self.KINDS if key in name), None)
+        if kind is None:
+            return
+        size = max([self._nbytes(a) for a in args] + [self._nbytes(out) if not isinstance(out, tuple) else 0])
+        self.bytes[kind] = self.bytes.get(kind, 0) + size
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+
+def _storages_nbytes(tensors, seen: set) -> int:
+    """Bytes of the distinct storages behind ``tensors`` not already in ``seen``."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        if hasattr(t, "to_local"):  # DTensor: the local shard is what this rank holds
+            t = t.to_local()
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+def _batch(cfg: BenchConfig, step: int, dp_rank: int, dp_size: int):
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g)
+    per = cfg.batch // dp_size
+    return ids[dp_rank * per:(dp_rank + 1) * per]
+
+
+class _Run:
+    """One training setup on this rank: ``step(ids) -> loss`` plus the tensors to count."""
+
+    model = None
+    dp_rank, dp_size = 0, 1
+
+    def step(self, ids):
+        raise NotImplementedError
+
+    def memory(self) -> dict:
+        raise NotImplementedError
+
+
+class _OurRun(_Run):
+    def __init__(self, model_dir, dtype, tp, zero, lr):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from tp_trainer.parallel.context import ParallelContext
+        from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+        from tp_trainer.zero import ShardedOptimizer
+
+        self.ctx = ParallelContext.from_environment(tp)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        apply_tensor_parallel(model, plan_tensor_parallel(model, tp), self.ctx)
+        model.train()
+        self.model = model
+        self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), self.ctx,
+                                    stage=zero)
+        self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
+
+    def forward_backward(self, ids):
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self._sample()
+        loss.backward()
+        self.opt.finish_grad_sync()
+        return loss
+
+    def step(self, ids):
+        loss = self.forward_backward(ids)
+        self._sample()
+        self.opt.clip_grad_norm(1.0)
+        self.opt.step()
+        self._sample()
+        self.opt.zero_grad()
+        return loss.item()
+
+    def memory(self) -> dict:
+        """Live tensors after backward (the gradient peak): params, grads, optimizer states."""
+        seen: set = set()
+        params = _storages_nbytes(self.model.parameters(), seen)
+        grads = [p.grad for p in self.model.parameters()]
+        if self.opt.stage > 0:
+            grads += [b.grad for b in self.opt.buckets]
+        else:
+            grads += [self.opt.master_of[id(p)].grad for p in self.opt.params]
+        grads = _storages_nbytes(grads, seen)
+        masters = [m for g in self.opt.inner.param_groups for m in g["params"]]
+        states = [t for s in self.opt.inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+        optim = _storages_nbytes(masters + states, seen)
+        return {"params": params, "grads": grads, "optimizer": optim}
+
+
+class _HFNativeTPRun(_Run):
+    """transformers' own TP (DTensor, ``distributed_config``) trained like a plain Trainer does."""
+
+    def __init__(self, model_dir, dtype, tp, lr):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                     distributed_config=DistributedConfig(tp_size=tp))
+        model.train()
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def forward_backward(self, ids):
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self._sample()
+        loss.backward()
+        return loss
+
+    def step(self, ids):
+        from transformers import Trainer
+
+        loss = self.forward_backward(ids)
+        self._sample()
+        # The Trainer's own clipping for models whose grads mix DTensors and plain tensors
+        # (norm layers stay plain): torch's clip_grad_norm_ refuses that mix. It reads no state.
+        Trainer._mixed_mesh_grad_norm(None, self.model, 1.0)
+        self.opt.step()
+        self._sample()
+        self.opt.zero_grad()
+        return loss.item()
+
+    def memory(self) -> dict:
+        seen: set = set()
+        params = _storages_nbytes(self.model.parameters(), seen)
+        grads = _storages_nbytes([p.grad for p in self.model.parameters()], seen)
+        states = [t for s in self.opt.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+        return {"params": params, "grads": grads, "optimizer": _storages_nbytes(states, seen)}
+
+
+class _DeepSpeedAutoTPRun(_Run):
+    """DeepSpeed AutoTP training (``tensor_parallel.autotp_size``) with ZeRO-1, on gloo/CPU."""
+
+    def __init__(self, model_dir, dtype, tp, lr, batch):
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+                  "steps_per_print": 10**9, "gradient_clipping": 1.0,
+                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+                  "zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": tp}}
+        if dtype == torch.bfloat16:
+            config["bf16"] = {"enabled": True}
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        self.model = self.engine.module
+
+    def forward_backward(self, ids):
+        loss = self.engine(input_ids=ids, labels=ids).loss
+        self._sample()
+        self.engine.backward(loss)
+        return loss
+
+    def step(self, ids):
+        loss = self.forward_backward(ids)
+        self._sample()
+        self.engine.step()
+        self._sample()
+        return loss.item()
+
+    def memory(self) -> dict:
+        seen: set = set()
+        params = _storages_nbytes(self.model.parameters(), seen)
+        opt = self.engine.optimizer
+        averaged = getattr(opt, "averaged_gradients", None) or {}
+        grads = [p.grad for p in self.model.parameters()] + [g for gs in averaged.values() for g in (gs or [])]
+        grads = _storages_nbytes(grads, seen)
+        inner = getattr(opt, "optimizer", opt)
+        masters = list(getattr(opt, "single_partition_of_fp32_groups", []))
+        states = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+        return {"params": params, "grads": grads, "optimizer": _storages_nbytes(masters + states, seen)}
+
+
+def _instrument(run: _Run) -> _Run:
+    run.peak_rss = 0
+
+    def sample():
+        run.peak_rss = max(run.peak_rss, _rss_bytes())
+
+    run._sample = sample
+    return run
+
+
+def worker(args) -> None:
+    """Runs on every torchrun rank; rank 0 writes the result JSON."""
+    import torch
+    import torch.distributed as dist
+
+    cfg = BenchConfig(**json.loads(args.config))
+    torch.set_num_threads(cfg.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    import transformers  # noqa: F401  (libraries loaded before the baseline: "rest" is the run's own memory)
+
+    import tp_trainer.zero  # noqa: F401
+    if args.runner == "deepspeed_autotp":
+        import deepspeed  # noqa: F401
+    rss0 = _rss_bytes()
+    if args.runner in LAYOUTS:
+        _, tp, zero = LAYOUTS[args.runner]
+        run = _OurRun(args.model_dir, dtype, tp, zero, cfg.lr)
+    elif args.runner == "hf_native_tp":
+        run = _HFNativeTPRun(args.model_dir, dtype, 2, cfg.lr)
+    elif args.runner == "deepspeed_autotp":
+        run = _DeepSpeedAutoTPRun(args.model_dir, dtype, 2, cfg.lr, cfg.batch)
+    else:
+        raise ValueError(f"unknown runner {args.runner!r}")
+    _instrument(run)
+    dp_rank, dp_size = run.dp_rank, run.dp_size
+
+    losses, times, cpu = [], [], []
+    for step in range(cfg.warmup + cfg.steps):
+        ids = _batch(cfg, step, dp_rank, dp_size)
+        if world > 1:
+            dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses.append(run.step(ids))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    # one untimed step for the byte counts and the live-tensor memory at the gradient peak
+    counter = _CollectiveCounter()
+    ids = _batch(cfg, cfg.warmup + cfg.steps, dp_rank, dp_size)
+    with counter.mode:
+        run.forward_backward(ids)
+    mem = run.memory()
+    mem["rest"] = max(0, run.peak_rss - rss0 - sum(mem.values()))
+    mem["peak_rss_delta"] = run.peak_rss - rss0
+    record = {"losses": losses, "times": times[cfg.warmup:], "cpu_times": cpu[cfg.warmup:], "memory": mem,
+              "comm_bytes": counter.bytes, "comm_calls": counter.calls, "dp_rank": dp_rank, "dp_size": dp_size}
+    records = [None] * world
+    if world > 1:
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.result, "w") as f:
+            json.dump(records, f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ================================================================================ parent side
+def _write_model(cfg: BenchConfig, path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
+                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
+                         max_position_embeddings=max(cfg.seq, 2048), tie_word_embeddings=False)
+    torch.manual_seed(cfg.seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def _launch(runner: str, dtype: str, world: int, cfg: BenchConfig, model_dir: str, workdir: str) -> list[dict]:
+    result = os.path.join(workdir, f"{runner}_{dtype}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--monitor-interval", "5",
+           "--master-port", str(_free_port()), os.path.abspath(__file__), "--worker", "--runner", runner,
+           "--dtype", dtype, "--model-dir", model_dir, "--result", result, "--config", json.dumps(asdict(cfg))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(result):
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        errors = [ln for ln in lines if re.search(r"\w+(Error|Exception):", ln)]
+        tail = "\n".join(lines[-25:])
+        raise RuntimeError(f"{runner} {dtype} failed (exit {proc.returncode}):\n{tail}\n"
+                           + (errors[-1].strip() if errors else lines[-1] if lines else "no output"))
+    with open(result) as f:
+        return json.load(f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_mean_losses(records: list[dict]) -> list[float]:
+    """Per-step loss of the global batch: the mean over dp ranks (their halves have equal token counts)."""
+    dp_size = records[0]["dp_size"]
+    out = []
+    for s in range(len(records[0]["losses"])):
+        per_dp = {r["dp_rank"]: r["losses"][s] for r in records}
+        out.append(sum(per_dp.values()) / dp_size)
+    return out
+
+
+def summarize(runner: str, dtype: str, launches: list[list[dict]], cfg: BenchConfig,
+              reference: list[float] | None) -> dict:
+    """Fold the per-rank records of every launch (round) of one runner into one row; run the loss gate."""
+    records = launches[0]
+    losses = _dp_mean_losses(records)
+    step_times, cpu_times = [], []
+    for recs in launches:  # a step's time is its slowest rank's
+        step_times += [max(r["times"][i] for r in recs) for i in range(len(recs[0]["times"]))]
+        cpu_times += [max(r["cpu_times"][i] for r in recs) for i in range(len(recs[0]["cpu_times"]))]
+    median = statistics.median(step_times)
+    worst_mem = max(records, key=lambda r: sum(v for k, v in r["memory"].items() if k != "peak_rss_delta"))
+    comm = {kind: max(r["comm_bytes"].get(kind, 0) for r in records) for kind in records[0]["comm_bytes"]}
+    row = {"runner": runner, "dtype": dtype, "world": len(records), "losses": losses, "step_times": step_times,
+           "median_step_s": median, "median_cpu_s": statistics.median(cpu_times),
+           "tokens_per_s": cfg.batch * cfg.seq / median,
+           "memory_per_rank": worst_mem["memory"], "comm_bytes_per_rank": comm,
+           "comm_calls_per_rank": records[0]["comm_calls"]}
+    row["loss_ok"] = True
+    if reference is not None:
+        diffs = [max(abs(a - b) for a, b in zip(_dp_mean_losses(recs), reference)) for recs in launches]
+        row["loss_max_abs_diff"] = max(diffs)
+        row["loss_ok"] = max(diffs) <= LOSS_TOL[dtype]
+    return row
+
+
+def _theory(layout: str, dtype: str, cfg: BenchConfig, model_dir: str) -> dict:
+    from tp_trainer.memory import estimate_memory
+    from transformers import AutoConfig
+
+    world, tp, zero = LAYOUTS[layout]
+    est = estimate_memory(AutoConfig.from_pretrained(model_dir), tp=tp, dp=world // tp, zero=zero, dtype=dtype,
+                          batch=cfg.batch // (world // tp), seq=cfg.seq)
+    return est.as_dict()
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'runner':<17}{'dtype':<6}{'ranks':>5}{'step s':>9}{'tok/s':>8}{'loss ok':>8}{'params':>8}"
+            f"{'grads':>8}{'optim':>8}{'rest':>8}{'theory%':>8}  comm MiB/step/rank")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m = r["memory_per_rank"]
+        ok = "yes" if r["loss_ok"] else "NO"
+        step = f"{r['median_step_s']:.3f}" if r["loss_ok"] else "refused"
+        tok = f"{r['tokens_per_s']:.0f}" if r["loss_ok"] else "-"
+        theory = r.get("theory_ratio")
+        comm = ", ".join(f"{k} {_mib(v)}" for k, v in sorted(r["comm_bytes_per_rank"].items())) or "-"
+        lines.append(f"{r['runner']:<17}{r['dtype']:<6}{r['world']:>5}{step:>9}{tok:>8}{ok:>8}{_mib(m['params']):>8}"
+                     f"{_mib(m['grads']):>8}{_mib(m['optimizer']):>8}{_mib(m['rest']):>8}"
+                     f"{(f'{100 * theory:.1f}' if theory else '-'):>8}  {comm}")
+    lines.append("memory in MiB per rank (the largest rank); theory% = measured params+grads+optimizer / "
+                 "tp_trainer.memory's estimate")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """The targets of the issue, per dtype, from this run's rows."""
+    by = {(r["runner"], r["dtype"]): r for r in rows}
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        tp2 = by.get(("tp2", dtype))
+        if tp2 is None or not tp2["loss_ok"]:
+            continue
+        t = tp2["median_step_s"]
+        for peer, target in (("deepspeed_autotp", 0.7), ("hf_native_tp", 0.85)):
+            if (peer, dtype) in by:
+                out.append({"dtype": dtype, "what": f"tp2 / {peer}", "ratio": t / by[(peer, dtype)]["median_step_s"],
+                            "target": target})
+        single = by.get(("single", dtype))
+        if single is not None:
+            out.append({"dtype": dtype, "what": "tp2 / (single / 2)", "ratio": t / (single["median_step_s"] / 2),
+                        "target": 1.25})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = BenchConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--peers", nargs="+", default=["auto"],
+                        help="'auto' (those installed), 'none', or names: " + ", ".join(PEERS))
+    parser.add_argument("--rounds", type=int, default=2, help="launches per runner, interleaved; times pooled")
+    parser.add_argument("--out", default="bench.json")
+    # worker mode (internal: what torchrun runs)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    cfg = BenchConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    if cfg.batch % 2:
+        raise SystemExit(f"--batch {cfg.batch} must be even: the dp=2 layouts split it over 2 ranks")
+    peers = _select_peers(args.peers)
+    layouts = ["single"] + [name for name in args.layouts if name != "single"]
+    rows, failures = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        model_dir = os.path.join(workdir, "model")
+        _write_model(cfg, model_dir)
+        for dtype in args.dtypes:
+            launches: dict[str, list] = {}
+            for rnd in range(args.rounds):  # interleaved rounds: a load change hits every runner alike
+                for runner in layouts + peers:
+                    if runner in launches and launches[runner] is None:
+                        continue  # a peer that failed once
+                    world = LAYOUTS[runner][0] if runner in LAYOUTS else 2
+                    print(f"[bench] round {rnd + 1}/{args.rounds}: {runner} {dtype} on {world} rank(s)",
+                          file=sys.stderr, flush=True)
+                    try:
+                        launches.setdefault(runner, []).append(_launch(runner, dtype, world, cfg, model_dir, workdir))
+                    except RuntimeError as err:
+                        if runner in LAYOUTS:
+                            raise
+                        print(f"[bench] peer {runner} could not run: {err}", file=sys.stderr)
+                        failures.append({"runner": runner, "dtype": dtype, "error": str(err)})
+                        launches[runner] = None
+            reference = None
+            for runner in layouts + peers:
+                if launches.get(runner) is None:
+                    continue
+                row = summarize(runner, dtype, launches[runner], cfg, reference)
+                if runner == "single":
+                    reference = row["losses"]
+                if runner in LAYOUTS:
+                    theory = _theory(runner, dtype, cfg, model_dir)
+                    row["theory"] = theory
+                    m = row["memory_per_rank"]
+                    row["theory_ratio"] = (m["params"] + m["grads"] + m["optimizer"]) / theory["states_total"]
+                rows.append(row)
+    print(format_table(rows))
+    targets = ratios(rows)
+    for t in targets:
+        mark = "ok" if t["ratio"] <= t["target"] else "MISSED"
+        print(f"{t['dtype']:<5} {t['what']:<26} {t['ratio']:.3f}  (target <= {t['target']})  {mark}")
+    for f in failures:
+        print(f"peer {f['runner']} ({f['dtype']}) did not run: {f['error'].splitlines()[-1]}")
+    with open(args.out, "w") as f:
+        json.dump({"config": asdict(cfg), "rows": rows, "targets": targets, "peer_failures": failures,
+                   "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}, f, indent=1)
+    wrong = [f"{r['runner']} {r['dtype']}" for r in rows if not r["loss_ok"] and r["runner"] in LAYOUTS]
+    if wrong:
+        print(f"loss differs from the single-process run (speed refused): {', '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _select_peers(requested: list[str]) -> list[str]:
+    import importlib.util
+
+    if requested == ["none"]:
+        return []
+    if requested == ["auto"]:
+        return [p for p, module in PEERS.items() if importlib.util.find_spec(module) is not None]
+    unknown = [p for p in requested if p not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}; choose from {list(PEERS)} or 'auto'/'none'")
+    return requested
+
+
+if __name__ == "__main__":
+    sys.exit(main())

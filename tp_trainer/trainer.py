@@ -53,6 +53,8 @@ class TPTrainer(Trainer):
         super().__init__(model, args, *pos, **kwargs)
         if active:
             TPAccelerator.adopt(self.accelerator, self.tp_context)
+            # Trainer.__init__ bound the world-wide gather before the accelerator knew the mesh
+            self.gather_function = self.accelerator.gather_for_metrics
             pylogging.getLogger("tp_trainer").setLevel(logging.get_verbosity())
             if self.args.should_log:
                 logger.info(self.startup_summary())

@@ -38,17 +38,17 @@ class TPTrainingArguments(TrainingArguments):
         if self.tp_config is not None:
             from .tp_config import apply_tp_config
             apply_tp_config(self)
-        self.validate_layout()
+        self.validate_layout()  # before the Trainer's __post_init__ joins the process group
         super().__post_init__()
+
+    def validate_layout(self) -> None:
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % self.tp_size:
             raise ValueError(
                 f"WORLD_SIZE={world} is not divisible by tp_size={self.tp_size}: launch a multiple of "
                 f"{self.tp_size} processes or choose a tp_size that divides {world}.")
-
-    def validate_layout(self) -> None:
-        if not isinstance(self.tp_size, int) or self.tp_size < 1:
-            raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r} (ZeRO-3 is what TP replaces: "
                              "use tp_size with zero_stage 1 or 2)")

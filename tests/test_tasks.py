@@ -31,6 +31,10 @@ def _solve(record):
         asked = [k for k in table if re.search(rf"\b{re.escape(k)}\b", instruction)]
         assert len(asked) == 1, record
         return table[asked[0]]
+    if task == "first_word":
+        return inp.split()[0]
+    if task == "last_word":
+        return inp.split()[-1]
     raise AssertionError(f"unknown task {task}")
 
 
@@ -61,10 +65,10 @@ def test_every_answer_is_correct_and_fields_are_strings():
 
 
 def test_task_balance_subset_and_phrasing_variety():
-    records = generate_tasks(400, seed=1)
+    records = generate_tasks(420, seed=1)  # a multiple of the 7 tasks
     counts = {t: sum(r["task"] == t for r in records) for t in TASKS}
-    assert set(counts) == {"add", "sort", "reverse", "copy_field", "max"}
-    assert all(c == 400 // len(TASKS) for c in counts.values())
+    assert set(counts) == {"add", "sort", "reverse", "copy_field", "max", "first_word", "last_word"}
+    assert all(c == 420 // len(TASKS) for c in counts.values())
     for task in TASKS:
         templates = {_template(r) for r in records if r["task"] == task}
         assert len(templates) >= 3, (task, templates)
@@ -93,20 +97,20 @@ def _read(path):
 
 
 def test_write_task_splits_disjoint_balanced_and_reproducible(tmp_path):
-    paths = write_task_splits(tmp_path / "a", n_train=500, n_eval=100, seed=3)
+    paths = write_task_splits(tmp_path / "a", n_train=500, n_eval=105, seed=3)  # eval: 15 per task
     assert set(paths) == {"train", "eval"}
     train, evals = _read(paths["train"]), _read(paths["eval"])
-    assert len(train) == 500 and len(evals) == 100
+    assert len(train) == 500 and len(evals) == 105
     train_keys = [(r["instruction"], r["input"]) for r in train]
     eval_keys = [(r["instruction"], r["input"]) for r in evals]
     assert not set(train_keys) & set(eval_keys)
     assert len(set(train_keys)) == len(train_keys)
     assert len(set(eval_keys)) == len(eval_keys)
     assert {r["task"]: 0 for r in evals}.keys() == set(TASKS)
-    assert all(sum(r["task"] == t for r in evals) == 20 for t in TASKS)
+    assert all(sum(r["task"] == t for r in evals) == 15 for t in TASKS)
     for record in train + evals:
         assert record["output"] == _solve(record)
-    again = write_task_splits(tmp_path / "b", n_train=500, n_eval=100, seed=3)
+    again = write_task_splits(tmp_path / "b", n_train=500, n_eval=105, seed=3)
     for split in ("train", "eval"):
         with open(paths[split], "rb") as f1, open(again[split], "rb") as f2:
             assert f1.read() == f2.read()

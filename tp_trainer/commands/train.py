@@ -86,20 +86,23 @@ def load_datasets(paths: dict, tokenizer, recipe: Recipe):
 
 def build_trainer(recipe: Recipe, paths: dict):
     from ..data.sft import SFTDataCollator
+    from ..fsdp_baseline import FSDPBaselineTrainer, needs_fsdp_baseline
     from ..trainer import TPTrainer
 
     model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
     train, evaluation = load_datasets(paths, tokenizer, recipe)
-    return TPTrainer(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
+    trainer_cls = FSDPBaselineTrainer if needs_fsdp_baseline(recipe.training) else TPTrainer
+    return trainer_cls(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
                      data_collator=SFTDataCollator(tokenizer), processing_class=tokenizer)
 
 
 def summary(trainer) -> str:
-    if trainer.tp_active:
+    if getattr(trainer, "tp_active", False):
         return trainer.startup_summary()
     args = trainer.args
     params = sum(p.numel() for p in trainer.model.parameters())
-    return (f"tp_trainer: world={args.world_size} (data parallel only, zero_stage=0); global batch = "
+    kind = "FSDP full-shard" if getattr(trainer, "is_fsdp_enabled", False) or args.fsdp else "data parallel, zero_stage=0"
+    return (f"tp_trainer: world={args.world_size} ({kind}); global batch = "
             f"{args.per_device_train_batch_size} x {args.world_size} x {args.gradient_accumulation_steps} = "
             f"{args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps}\n"
             f"  parameters on this rank: {params:,}")

@@ -12,8 +12,10 @@ Available tasks (see :data:`TASKS`):
 * ``reverse`` -- reverse 3-6 space separated letters (``"r e d"`` -> ``"d e r"``).
 * ``copy_field`` -- return the value of a key from a small ``key: value`` list.
 * ``max`` -- the largest of 3-6 numbers in ``0..99``.
+* ``first_word`` / ``last_word`` -- the first / last of 3-5 words (``"owl red sun"`` -> ``"owl"``).
 
-Copy/reverse are learnable by a ~1-5M parameter model within a few hundred CPU
+First/last word are learned within a few hundred CPU steps by the
+built-in ~1M parameter model; copy/reverse are learnable by a ~1-5M parameter model within a few hundred CPU
 steps; arithmetic is harder. That spread is intended: it gives an informative
 per-task accuracy table.
 
@@ -152,6 +154,32 @@ def _make_max(rng: random.Random) -> Record:
     }
 
 
+# -------------------------------------------------------------------- first_word
+_FIRST_WORD_PHRASES = (
+    "Return the first word.",
+    "What is the first word of the list?",
+    "Copy only the first word.",
+)
+
+
+def _make_first_word(rng: random.Random) -> Record:
+    words = [rng.choice(_FIELD_VALUES) for _ in range(rng.randint(3, 5))]
+    return {"instruction": rng.choice(_FIRST_WORD_PHRASES), "input": " ".join(words), "output": words[0]}
+
+
+# --------------------------------------------------------------------- last_word
+_LAST_WORD_PHRASES = (
+    "Return the last word.",
+    "What is the last word of the list?",
+    "Copy only the final word.",
+)
+
+
+def _make_last_word(rng: random.Random) -> Record:
+    words = [rng.choice(_FIELD_VALUES) for _ in range(rng.randint(3, 5))]
+    return {"instruction": rng.choice(_LAST_WORD_PHRASES), "input": " ".join(words), "output": words[-1]}
+
+
 #: Task name -> generator taking a seeded ``random.Random`` and returning a record.
 TASKS: Dict[str, Callable[[random.Random], Record]] = {
     "add": _make_add,
@@ -159,6 +187,8 @@ TASKS: Dict[str, Callable[[random.Random], Record]] = {
     "reverse": _make_reverse,
     "copy_field": _make_copy_field,
     "max": _make_max,
+    "first_word": _make_first_word,
+    "last_word": _make_last_word,
 }
 
 

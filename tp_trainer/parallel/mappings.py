@@ -58,7 +58,9 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return x
+        # a detached alias rather than ``x`` itself (which autograd would turn into a view of
+        # ``x``): layers.ColumnParallelLinear memoises this output on ``x`` without a cycle
+        return x.detach()
 
     @staticmethod
     def backward(ctx, grad):

@@ -127,20 +127,10 @@ class _CollectiveCounter:
 
 
 def _storages_nbytes(tensors, seen: set) -> int:
-    """Bytes of the distinct storages behind ``tensors`` not already in ``seen``."""
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        if hasattr(t, "to_local"):  # DTensor: the local shard is what this rank holds
-            t = t.to_local()
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += st.nbytes()
-    return total
+    """Bytes of the distinct storages behind ``tensors`` not in ``seen`` (DTensor: the local shard)."""
+    from tp_trainer.memory import _storage_bytes
+
+    return _storage_bytes(tensors, seen)
 
 
 def _batch(cfg: BenchConfig, step: int, dp_rank: int, dp_size: int):
@@ -201,18 +191,9 @@ class _OurRun(_Run):
 
     def memory(self) -> dict:
         """Live tensors after backward (the gradient peak): params, grads, optimizer states."""
-        seen: set = set()
-        params = _storages_nbytes(self.model.parameters(), seen)
-        grads = [p.grad for p in self.model.parameters()]
-        if self.opt.stage > 0:
-            grads += [b.grad for b in self.opt.buckets]
-        else:
-            grads += [self.opt.master_of[id(p)].grad for p in self.opt.params]
-        grads = _storages_nbytes(grads, seen)
-        masters = [m for g in self.opt.inner.param_groups for m in g["params"]]
-        states = [t for s in self.opt.inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
-        optim = _storages_nbytes(masters + states, seen)
-        return {"params": params, "grads": grads, "optimizer": optim}
+        from tp_trainer.memory import measure_training_memory
+
+        return measure_training_memory(self.model, self.opt)
 
 
 class _HFNativeTPRun(_Run):
@@ -252,7 +233,7 @@ class _HFNativeTPRun(_Run):
         seen: set = set()
         params = _storages_nbytes(self.model.parameters(), seen)
         grads = _storages_nbytes([p.grad for p in self.model.parameters()], seen)
-        states = [t for s in self.opt.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+        states = [t for s in self.opt.state.values() for t in s.values() if hasattr(t, "untyped_storage") and t.dim() > 0]
         return {"params": params, "grads": grads, "optimizer": _storages_nbytes(states, seen)}
 
 
@@ -296,7 +277,7 @@ class _DeepSpeedAutoTPRun(_Run):
         grads = _storages_nbytes(grads, seen)
         inner = getattr(opt, "optimizer", opt)
         masters = list(getattr(opt, "single_partition_of_fp32_groups", []))
-        states = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+        states = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage") and t.dim() > 0]
         return {"params": params, "grads": grads, "optimizer": _storages_nbytes(masters + states, seen)}
 
 

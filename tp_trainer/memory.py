@@ -63,13 +63,13 @@ class MemoryEstimate:
         return {**asdict(self), "states_total": self.states_total, "total": self.total}
 
     def table(self) -> str:
-        gib = 2**30
+        unit, scale = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer states", self.optimizer),
                 ("activations (saved for backward)", self.activations), ("total", self.total)]
         head = (f"{self.model_type}: {self.total_params / 1e9:.2f} B parameters; tp={self.tp} dp={self.dp} "
                 f"zero={self.zero} {self.dtype}, micro-batch {self.batch} x {self.seq} per rank; "
                 f"{self.local_params / 1e9:.3f} B parameters on each rank")
-        lines = [head] + [f"  {name:<34}{value / gib:>9.2f} GiB" for name, value in rows]
+        lines = [head] + [f"  {name:<34}{value / scale:>9.2f} {unit}" for name, value in rows]
         return "\n".join(lines)
 
 
@@ -149,3 +149,41 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
     return MemoryEstimate(model_type=config.model_type, tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq,
                           total_params=total_params, local_params=local, params=local * b, grads=grads,
                           optimizer=optimizer, activations=saved_activation_bytes(model, batch, seq))
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    """Bytes of the distinct storages behind ``tensors`` not already in ``seen`` (DTensors: the local shard)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def measure_training_memory(model, optimizer) -> dict[str, int]:
+    """Live bytes on this rank of a model trained by a :class:`~tp_trainer.zero.ShardedOptimizer`.
+
+    Call it after ``backward`` + ``optimizer.finish_grad_sync()`` (the gradient peak). Each
+    storage is counted once, in the first category that holds it: parameters, gradients
+    (``p.grad``, ZeRO-1/2 flat gradient shards, fp32 master gradients), optimizer (fp32
+    masters that are not the parameters themselves, and the inner optimizer's states).
+    """
+    seen: set = set()
+    params = _storage_bytes(model.parameters(), seen)
+    grads = [p.grad for p in model.parameters()]
+    if optimizer.stage > 0:
+        grads += [b.grad for b in optimizer.buckets]
+    else:
+        grads += [optimizer.master_of[id(p)].grad for p in optimizer.params]
+    grads = _storage_bytes(grads, seen)
+    masters = [m for g in optimizer.inner.param_groups for m in g["params"]]
+    states = [t for s in optimizer.inner.state.values() for t in s.values()
+              if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return {"params": params, "grads": grads, "optimizer": _storage_bytes(masters + states, seen)}

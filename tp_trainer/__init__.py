@@ -2,6 +2,25 @@
 
 __version__ = "0.1.0"
 
+
+def _configure_logging() -> None:
+    """The ``tp_trainer`` logger: its own ``[tp_trainer]`` handler, level following transformers' verbosity
+    (TPTrainer re-syncs it after the Trainer applies ``log_level``/``log_level_replica``)."""
+    import logging as _logging
+
+    from transformers.utils import logging as hf_logging
+
+    root = _logging.getLogger("tp_trainer")
+    if not root.handlers:
+        handler = _logging.StreamHandler()
+        handler.setFormatter(_logging.Formatter("[tp_trainer] %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+        root.setLevel(hf_logging.get_verbosity())
+
+
+_configure_logging()
+
 from .parallel import ParallelContext
 from .planner import Plan, PlanError, apply_tensor_parallel, plan_tensor_parallel
 

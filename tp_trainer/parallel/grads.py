@@ -9,9 +9,10 @@ After a backward pass under Megatron's f/g operators:
   ``q_norm``) and rows held by several ranks (``param.tp_spec.overlaps``: replicated KV heads)
   hold partial sums: :func:`sync_partial_tp_grads` all-reduces them over TP.
 
-:func:`squared_norm_contribution` counts every distinct gradient element exactly once across
-the TP group (a shard on its owner, a replicated element on TP rank 0), so summing it over
-the whole world gives the squared norm of the unsharded model's gradient.
+:func:`norm_count_mask` selects the elements each rank counts in the global norm so that every
+distinct gradient element is counted exactly once across the TP group (a shard on its owner,
+a replicated element on TP rank 0, a shared KV row on its lowest holder); summing
+:func:`masked_square_sum` over the world gives the squared norm of the unsharded gradient.
 """
 
 from __future__ import annotations

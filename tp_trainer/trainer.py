@@ -48,6 +48,7 @@ class TPTrainer(Trainer):
                                  "instead of a built optimizer")
             context = ParallelContext.from_environment(args.tp_size)
             plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
+            self._full_param_count = sum(p.numel() for p in model.parameters())
             apply_tensor_parallel(model, plan, context)
             self.tp_context, self.tp_plan = context, plan
         super().__init__(model, args, *pos, **kwargs)
@@ -63,11 +64,12 @@ class TPTrainer(Trainer):
         ctx, args = self.tp_context, self.args
         local = sum(p.numel() for p in self.model.parameters())
         gbs = args.per_device_train_batch_size * ctx.dp_size * args.gradient_accumulation_steps
-        return (f"tp_trainer: {ctx.describe()}\n"
+        return (f"{ctx.describe()}\n"
                 f"  plan: {self.tp_plan.summary()}\n"
                 f"  zero_stage={args.zero_stage}; global batch = {args.per_device_train_batch_size} per device x "
                 f"dp {ctx.dp_size} x grad accum {args.gradient_accumulation_steps} = {gbs}\n"
-                f"  parameters on this rank: {local:,}")
+                f"  parameters on this rank: {local:,} of {self._full_param_count:,} "
+                f"({local / max(1, self._full_param_count):.1%})")
 
     @property
     def tp_active(self) -> bool:

@@ -10,8 +10,9 @@ with an index above ``max_shard_size``, config, generation config) and adds the 
 
 The save dtype (:func:`resolve_save_dtype`) follows DeepSpeed's
 ``gather_16bit_weights_on_model_save``: 16-bit when that flag is set, or, when it is unset,
-when training in bf16/fp16; fp32 otherwise. 16-bit means the model's dtype when it is already
-16-bit, fp16 when training in fp16, bf16 otherwise. Weights are cast with ``Tensor.to``, so
+when training in bf16/fp16 or when the model's weights are 16-bit; fp32 otherwise (an fp32 save
+of 16-bit weights writes the fp32 ZeRO masters). 16-bit means the model's dtype when it is
+already 16-bit, fp16 when training in fp16, bf16 otherwise. Weights are cast with ``Tensor.to``, so
 the file holds exactly the gathered weights rounded to that dtype.
 """
 
@@ -53,11 +54,11 @@ def model_dtype(model) -> torch.dtype:
 def resolve_save_dtype(args, model) -> torch.dtype:
     """The dtype ``save_model`` writes for these training arguments (see the module docstring)."""
     flag = getattr(args, "gather_16bit_weights_on_model_save", None)
+    current = model_dtype(model)
     if flag is None:
-        flag = bool(args.bf16 or args.fp16)
+        flag = bool(args.bf16 or args.fp16) or current in (torch.bfloat16, torch.float16)
     if not flag:
         return torch.float32
-    current = model_dtype(model)
     if current in (torch.bfloat16, torch.float16):
         return current
     return torch.float16 if args.fp16 else torch.bfloat16
@@ -69,7 +70,10 @@ def gather_state_dict(model, context, *, dtype: torch.dtype, optimizer=None, kee
 
     ``keep=False`` (non-main ranks) joins the collectives and returns ``None``.
     """
+    from .checkpoint import unwrap_optimizer
+
     tp_group = context.tp_group if context is not None else None
+    optimizer = unwrap_optimizer(optimizer)
     params = list(model.named_parameters())
     use_masters = (dtype == torch.float32 and optimizer is not None and hasattr(optimizer, "iter_local_masters")
                    and any(p.dtype != torch.float32 for _, p in params))

@@ -307,7 +307,8 @@ def test_corruption_found_by_another_rank_fails_every_rank(two):
 
 
 @pytest.mark.parametrize("family, overrides, message", [
-    ("llama", {"intermediate_size": 128}, r"mlp.gate_proj.weight has shape \[96, 64\] in the checkpoint but \[128, 64\]"),
+    ("llama", {"intermediate_size": 128},
+     r"mlp.gate_proj.weight has shape \[96, 64\] in the checkpoint but \[128, 64\]"),
     ("gpt2", {}, r"describes a different model \(LlamaForCausalLM\)"),
 ])
 def test_checkpoint_of_a_different_model(two, base, family, overrides, message):

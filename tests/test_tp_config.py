@@ -89,7 +89,8 @@ def test_lowercase_spelling_and_mapped_training_keys(tmp_path, write, monkeypatc
 
 def test_unsupported_keys_are_reported_by_name(tmp_path, write, monkeypatch, tp_warnings):
     cfg = {**SEED_CONFIG, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-           "ZeRO_optimization": {"stage": 1, "overlap_comm": True}, "tensor_parallel": {"autotp_size": 4, "tp_overlap": 1}}
+           "ZeRO_optimization": {"stage": 1, "overlap_comm": True},
+           "tensor_parallel": {"autotp_size": 4, "tp_overlap": 1}}
     configured(tmp_path, monkeypatch, write(cfg))
     assert len(tp_warnings) == 1
     for key in ("optimizer", "ZeRO_optimization.overlap_comm", "tensor_parallel.tp_overlap"):

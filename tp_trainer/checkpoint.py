@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -181,10 +182,10 @@ def save_training_checkpoint(trainer, trial=None) -> str:
         best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         if os.path.exists(best) or best == final:
             state.best_model_checkpoint = best
-    for cb in trainer.callback_handler.callbacks + [trainer.control]:
-        if hasattr(cb, "state") and callable(cb.state) and type(cb).__name__ in state.stateful_callbacks:
+    for cb in trainer.callback_handler.callbacks + [trainer.control]:  # as Trainer._save_checkpoint does
+        if isinstance(cb, ExportableState):
             name = type(cb).__name__
-            if isinstance(state.stateful_callbacks[name], list):
+            if isinstance(state.stateful_callbacks.get(name), list):
                 state.stateful_callbacks[name].append(cb.state())
             else:
                 state.stateful_callbacks[name] = cb.state()

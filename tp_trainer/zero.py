@@ -341,7 +341,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for b in self.buckets:
             for piece in b.pieces:
                 lo, hi = piece.param_range
-                yield piece.param, lo, hi, piece.master.detach(), self._flat_state(self.inner.state.get(piece.master, {}))
+                state = self._flat_state(self.inner.state.get(piece.master, {}))
+                yield piece.param, lo, hi, piece.master.detach(), state
 
     @staticmethod
     def _flat_state(state: dict) -> dict:

@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--out", default="docs/seed-miniature", help="figures, report.md, results.json")
     p.add_argument("--work", default="runs/seed-miniature", help="training runs and their logs")
     p.add_argument("--world-size", type=int, default=4, help="ranks per layout (4: tp 2 x dp 2 for TP+ZeRO)")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--layouts", default=None, help="comma-separated layout indices (0-5) to run; default all")
@@ -85,7 +85,9 @@ def main(argv: list[str]) -> int:
     data_dir = os.path.join(args.work, "builtin")
     common = ["--data_dir", data_dir, "--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps),
               "--eval_after_train", "false", *args.extra.split()]
-    recipe = parse_recipe([args.recipe, "--output_dir", args.work, *common[:2], *args.extra.split()])
+    # only the data/model fields matter here: parse as a 1-process world (the runs choose their own layouts)
+    recipe = parse_recipe([args.recipe, "--output_dir", args.work, *common[:2], *args.extra.split(),
+                           "--tp_size", "1", "--zero_stage", "0", "--nproc_per_node", "1"])
     paths = resolve_assets(recipe)  # generate data, tokenizer and initial weights once for all runs
     os.makedirs(args.out, exist_ok=True)
 

@@ -7,9 +7,9 @@ directories with ``AutoModelForCausalLM.from_pretrained`` as any user would.
 Tolerances: the fp32 export holds the gathered weights exactly, so its logits differ from the
 TP model's only by the summation order of the row-parallel/vocab-parallel products: 1e-5 on
 logits of O(1). The bf16 export rounds every weight to 8 mantissa bits (relative error
-<= 2^-9); through 2 layers the logits move by ~1e-2, so those are compared at 5e-2 (a shard
-in the wrong place moves logits by O(1)), while the weights themselves must equal the
-gathered fp32 weights cast to bf16 bit for bit.
+<= 2^-9); through 2 layers that moves these logits (|logit| < 1.5) by ~2e-3 (measured on the
+initial weights), so they are compared at 1e-2, while a shard in the wrong place moves them by
+~1e-1; the weights themselves must equal the gathered fp32 weights cast to bf16 bit for bit.
 """
 
 import json
@@ -123,7 +123,7 @@ def test_bf16_save_is_the_gathered_weights_rounded(world):
     for name, full in weights.items():
         assert torch.equal(loaded[name].detach(), full.to(torch.bfloat16)), name
     torch.testing.assert_close(logits(load(f"{base}/llama-bf16", dtype=torch.float32)), out["llama"]["logits"],
-                               rtol=0, atol=5e-2)
+                               rtol=0, atol=1e-2)
 
 
 def test_fp32_save_reproduces_the_tp_model(world):

@@ -106,3 +106,19 @@ def test_layout_global_batch_arithmetic():
     assert all(l.per_device_batch(16) * l.nproc // l.tp_size == 16 for l in layouts)
     with pytest.raises(ValueError, match="not divisible by dp=4"):
         layouts[0].per_device_batch(10)
+
+
+def test_eval_command_prints_the_before_after_table(report, capsys):
+    from tp_trainer.commands.eval import main
+
+    builtin = report["work"] / "builtin"
+    before = next(p for p in builtin.iterdir() if p.name.startswith("tiny-llama-seed"))
+    data = next(builtin.glob("tasks-*/eval.jsonl"))
+    after = report["work"] / TP_RUN / "final"
+    assert main([f"before SFT={before}", f"tp2={after}", "--data", str(data), "--limit", "7",
+                 "--max-length", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| task | n | before SFT | tp2 |" in out and "| overall | 7 |" in out
+    assert main([str(after), "--data", str(data / "missing.jsonl")]) == 2
+    assert main([str(builtin), "--data", str(data)]) == 2
+    assert "not a saved model directory" in capsys.readouterr().err

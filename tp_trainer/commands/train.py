@@ -98,9 +98,9 @@ def build_trainer(recipe: Recipe, paths: dict):
 
 def summary(trainer) -> str:
     if getattr(trainer, "tp_active", False):
-        return trainer.startup_summary()
+        return f"tp_trainer: {trainer.startup_summary()}"
     args = trainer.args
-    params = sum(p.numel() for p in trainer.model.parameters())
+    params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.model.parameters())
     kind = "FSDP full-shard" if getattr(trainer, "is_fsdp_enabled", False) or args.fsdp else "data parallel, zero_stage=0"
     return (f"tp_trainer: world={args.world_size} ({kind}); global batch = "
             f"{args.per_device_train_batch_size} x {args.world_size} x {args.gradient_accumulation_steps} = "

@@ -318,3 +318,21 @@ def test_checkpoint_of_a_different_model(two, base, family, overrides, message):
     with pytest.raises(CheckpointError, match=message) as err:
         CheckpointReader.open(f"{base}/ref/checkpoint-6", model=model)
     assert "tp_checkpoint.json" in str(err.value)
+
+
+def test_fp32_checkpoint_into_bf16_weights_keeps_fp32_masters(two, base, tmp_path):
+    from tp_trainer import TPTrainer, TPTrainingArguments
+    from tp_trainer.checkpoint import CheckpointReader, unwrap_optimizer
+
+    path = f"{base}/ref/checkpoint-2"
+    args = TPTrainingArguments(output_dir=str(tmp_path), zero_stage=1, max_steps=STEPS, report_to=[], use_cpu=True)
+    trainer = TPTrainer(model=tiny_model("llama", dtype=torch.bfloat16), args=args, train_dataset=make_dataset(8, 3))
+    trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    trainer._load_from_checkpoint(path)
+    trainer._load_optimizer_and_scheduler(path)
+    reader = CheckpointReader.open(path)
+    named = list(trainer.model.named_parameters())
+    masters = unwrap_optimizer(trainer.optimizer).iter_local_masters([p for _, p in named])
+    for (name, p), (_, master) in zip(named, masters):
+        assert torch.equal(master, reader.full_tensor(name)), name  # not the bf16-rounded weights
+        assert torch.equal(p.detach(), master.to(torch.bfloat16)), name

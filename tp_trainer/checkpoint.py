@@ -653,7 +653,12 @@ def load_optimizer_state(reader: CheckpointReader, model, optimizer) -> None:
     def local_state(p):
         name = names[id(p)]
         spec = getattr(p, "tp_spec", None)
-        return {k: _local_flat(reader.full_state(name, k), spec) for k in reader.state_keys(name)}
+        state = {k: _local_flat(reader.full_state(name, k), spec) for k in reader.state_keys(name)}
+        if "master" not in state and p.dtype != torch.float32:
+            weight = reader.full_tensor(name)  # fp32 weights of the old run are the new run's fp32 masters
+            if weight.dtype == torch.float32:
+                state["master"] = _local_flat(weight, spec)
+        return state
 
     if isinstance(optimizer, ShardedOptimizer):
         def fetch(p, lo, hi):

@@ -29,9 +29,33 @@ FAMILIES = {
                                  eos_token_id=2),
 }
 
+# Families with no code of their own in tp_trainer: the general rules must handle them (fused MQA
+# c_attn, full-width q/k norms, per-head norm weights, parallel residuals, GQA).
+MORE_FAMILIES = {
+    "gptj": lambda: T.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=96, rotary_dim=8, bos_token_id=0,
+                                 eos_token_id=0),
+    "stablelm": lambda: T.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96),
+    "olmo2": lambda: T.Olmo2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96),
+    "granite": lambda: T.GraniteConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96),
+    "cohere": lambda: T.CohereConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=96, use_qk_norm=True),
+    "starcoder2": lambda: T.Starcoder2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=96),
+    "gemma2": lambda: T.Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=96),
+    "phi": lambda: T.PhiConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                               vocab_size=96),
+    "gpt_bigcode": lambda: T.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=96, multi_query=True,
+                                              bos_token_id=0, eos_token_id=0),
+}
+ALL_FAMILIES = {**FAMILIES, **MORE_FAMILIES}
+
 
 def tiny_model(family: str, *, seed: int = 0, dtype=torch.float32, **overrides):
-    cfg = FAMILIES[family]()
+    cfg = ALL_FAMILIES[family]()
     for key, value in list(vars(cfg).items()):  # parity tests compare exact forwards: no dropout
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(cfg, key, 0.0)

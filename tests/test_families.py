@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from models import FAMILIES, tiny_model
+from models import FAMILIES, MORE_FAMILIES, tiny_model
 from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
 from tp_trainer.parallel.gather import iter_full_state
 from tp_trainer.zero import ShardedOptimizer
@@ -49,7 +49,7 @@ def train_steps(family, tp, user_plan=None):
 
 
 # name -> (family, user plan)
-TP2_CASES = {f: (f, None) for f in sorted(FAMILIES)}
+TP2_CASES = {f: (f, None) for f in sorted(FAMILIES) + sorted(MORE_FAMILIES)}
 TP2_CASES["llama+user-plan"] = ("llama", {"model.layers.*.mlp.*": "replicated"})
 TP4_CASES = {"llama": ("llama", None),    # 2 kv heads on 4 ranks: each kv head replicated on 2 ranks
              "falcon": ("falcon", None),  # multi-query: the single kv head on all 4 ranks
@@ -90,6 +90,17 @@ def test_tp2_matches_unsharded(tp2, name):
 @pytest.mark.parametrize("name", list(TP4_CASES))
 def test_tp4_matches_unsharded(tp4, name):
     _assert_matches_unsharded(tp4, name, TP4_CASES)
+
+
+def test_moe_experts_are_refused_at_planning_time_with_the_fix():
+    import transformers as T
+
+    cfg = T.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=96, num_local_experts=2)
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match=r"moe_tp_experts.*not supported.*tp_plan="):
+        plan_tensor_parallel(model, 2)
 
 
 def test_training_actually_moves_the_weights(tp2):

@@ -77,6 +77,25 @@ def test_norms_inside_the_parallel_region_sum_their_gradients():
     assert opt["final_layer_norm"].style == Style.REPLICATED
 
 
+def test_per_head_and_full_width_norms():
+    cohere = _block0(plan_tensor_parallel(tiny_model("cohere"), 2))  # q_norm weight [heads, head_dim]
+    assert cohere["self_attn.q_norm"].style == Style.HEAD_SHARDED
+    model = tiny_model("olmo2")
+    model._tp_plan = {}  # rules alone: q_norm spans all heads, so the attention gathers its projections
+    olmo = _block0(plan_tensor_parallel(model, 2))
+    assert olmo["self_attn.q_proj"].style == Style.COLWISE_GATHER
+    assert olmo["self_attn.o_proj"].style == Style.ROWWISE_SPLIT
+    assert olmo["self_attn.q_norm"].style == Style.REPLICATED
+    assert olmo["mlp.down_proj"].style == Style.ROWWISE  # the MLP is unaffected
+
+
+def test_unknown_fused_qkv_is_refused_not_split_blindly(monkeypatch):
+    # pretend the family table does not know GPTBigCode's fused multi-query c_attn
+    monkeypatch.setattr("tp_trainer.planner.planner.fused_layout", lambda *args, **kwargs: None)
+    with pytest.raises(PlanError, match="transformer.h.0.attn.c_attn .* looks like a fused q/k/v projection"):
+        plan_tensor_parallel(tiny_model("gpt_bigcode"), 2)
+
+
 def test_rules_agree_with_the_hf_plan_where_both_exist():
     with_hf = plan_tensor_parallel(tiny_model("llama"), 2)
     model = tiny_model("llama")

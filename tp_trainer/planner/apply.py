@@ -13,7 +13,8 @@ from transformers.utils import logging
 
 from ..parallel.context import ParallelContext
 from ..parallel.cross_entropy import VocabParallelCausalLMLoss
-from ..parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                               sharded_parameter)
 from ..parallel.sharding import block_spec, contiguous_spec
 from .plan import Plan, PlanEntry, Style
 
@@ -83,6 +84,11 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         elif style in (Style.ROWWISE, Style.ROWWISE_SPLIT):
             new = RowParallelLinear.from_module(mod, _spec_factory(entry, context), group,
                                                 split_input=style == Style.ROWWISE_SPLIT)
+        elif style == Style.HEAD_SHARDED:
+            spec_for = _spec_factory(entry, context)
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                setattr(mod, pname, sharded_parameter(p, spec_for(tuple(p.shape), 0), p.requires_grad))
+            continue
         elif style == Style.REPLICATED_GRAD_SUM:
             for p in mod.parameters(recurse=False):
                 p.tp_grad_sum = True

@@ -38,6 +38,8 @@ def fused_layout(owner_cls: str, attr: str, owner=None, config=None) -> tuple[st
         if getattr(config, "multi_query", False):
             return "multi_query", "family"
         return "head_interleaved", "family"
+    if owner_cls == "GPTBigCodeAttention" and attr == "c_attn":
+        return ("multi_query" if getattr(config, "multi_query", False) else "head_interleaved"), "family"
     if (owner_cls, attr) in FUSED_LAYOUTS:
         return FUSED_LAYOUTS[(owner_cls, attr)], "family"
     for fragment, layout in NAME_LAYOUTS.items():

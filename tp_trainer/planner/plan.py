@@ -23,13 +23,14 @@ class Style(str, enum.Enum):
     LM_HEAD = "vocab_lm_head"                # vocabulary split + vocab-parallel cross-entropy
     REPLICATED = "replicated"                # full copy on every rank, identical gradients
     REPLICATED_GRAD_SUM = "replicated_grad_sum"  # full copy fed split activations: grads summed over TP
+    HEAD_SHARDED = "head_sharded"            # per-head parameters (dim 0 = heads) split with the heads
 
     def __str__(self) -> str:
         return self.value
 
 
 SHARDED_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT,
-                  Style.VOCAB_EMBEDDING, Style.LM_HEAD}
+                  Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .plan import AttentionPatch, Plan, PlanEntry, Style, match_plan
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "num_kv")
 WIDTH_ATTRS = ("split_size", "embed_dim", "hidden_size", "all_head_size", "inner_dim", "attention_dim")
+KV_WIDTH_ATTRS = ("kv_dim",)
 
 
 class PlanError(ValueError):
@@ -80,6 +81,7 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
 
     rule_entries = _structural_rules(model, modules, names, order, rank_of, dims, tp_size, plan)
     hf = hf_plan_of(model)
+    fused_owners = {n.rsplit(".", 1)[0] for n, e in rule_entries.items() if "fused" in e.reason}
     entries: dict[str, PlanEntry] = {}
     for name in order + [n for n in rule_entries if n not in rank_of]:
         if name in entries or name not in modules:
@@ -88,7 +90,7 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
         entry = rule
         hit = match_plan(hf, name) if hf else None
         if hit is not None:
-            entry = _from_hf(name, hit, rule, modules[name], dims, tp_size)
+            entry = _from_hf(name, hit, rule, modules[name], dims, tp_size, fused_owners)
         if user_plan:
             uhit = match_plan(user_plan, name)
             if uhit is not None:
@@ -98,13 +100,14 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
         if entry is None:
             entry = PlanEntry(Style.REPLICATED, "rule", "no rule shards it (norm, bias-only or position table)")
         entries[name] = entry
+    _demote_grad_sum_after_gathers(entries)
     plan.entries = entries
     _check_linears_placed(model, modules, plan)
     plan.patches = _attention_patches(model, modules, plan, dims, tp_size)
     return plan
 
 
-def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp) -> PlanEntry:
+def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp, fused_owners: set[str]) -> PlanEntry:
     pattern, hf_style = hit
     style, note = translate_hf_style(hf_style, module=name)
     blocks = rule.blocks if rule is not None else None
@@ -114,10 +117,10 @@ def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp) -> PlanEntry:
                          "logits gathered only in eval/generate")
     # Phi-3's plan replicates fused activations (gather after qkv/gate_up, split before o/down): the
     # head-aligned split of the fused layout keeps them sharded, with half the traffic.
-    if style == Style.COLWISE_GATHER and rule is not None and rule.style == Style.COLWISE:
+    if style == Style.COLWISE_GATHER and rule is not None and rule.style == Style.COLWISE and "fused" in rule.reason:
         return PlanEntry(Style.COLWISE, "hf-plan", reason + "; upgraded to a head-aligned colwise split "
                          "(no gather)" , rule.blocks)
-    if style == Style.ROWWISE_SPLIT and rule is not None and rule.style == Style.ROWWISE:
+    if style == Style.ROWWISE_SPLIT and rule is not None and rule.style == Style.ROWWISE and name.rsplit(".", 1)[0] in fused_owners:
         return PlanEntry(Style.ROWWISE, "hf-plan", reason + "; input already split by the upgraded colwise",
                          rule.blocks)
     if style == Style.COLWISE and blocks is None and is_linear(module):
@@ -174,27 +177,64 @@ def _place_sub_block(owner, linears, modules, order, rank_of, dims, tp, entries,
     if in_row % tp:
         raise PlanError(f"{row}: input width {in_row} not divisible by tp_size={tp}")
     entries[row] = PlanEntry(Style.ROWWISE, "rule", "called last in its sub-block, writes the residual stream")
-    for n in linears:
-        if n == row:
-            continue
+    cols = [n for n in linears if n != row]
+    widths = {linear_shape(modules[n])[1] for n in cols}
+    region = [name for name in order[min(rank_of[n] for n in cols) + 1: rank_of[row]]
+              if name.startswith(owner + ".") and not is_linear(modules[name])]
+    # A norm over a whole projection (OLMo-2's q_norm over all heads) needs the full activation:
+    # the sub-block then gathers after its column layers and splits again before the row layer.
+    full_width = [name for name in region if any(p.dim() == 1 and p.shape[0] in widths and p.shape[0] != dims.head_dim
+                                                 for p in modules[name].parameters(recurse=False))]
+    if full_width:
+        for n in cols:
+            entries[n] = PlanEntry(Style.COLWISE_GATHER, "rule", f"{full_width[0].rsplit('.', 1)[1]} normalises the "
+                                   "whole projection: output gathered")
+        entries[row] = PlanEntry(Style.ROWWISE_SPLIT, "rule", "input replicated by the gathered projections: split")
+        for name in region:
+            entries[name] = PlanEntry(Style.REPLICATED, "rule", "applied to gathered (replicated) activations")
+        return
+    for n in cols:
         attr = n.rsplit(".", 1)[1]
         out = linear_shape(modules[n])[1]
         fused = fused_layout(type(owner_mod).__name__, attr, owner_mod, config)
         if fused is not None:
             layout, how = fused
             blocks = layout_blocks(layout, out, dims, tp)
-            reason = f"feeds {row.rsplit('.', 1)[1]}; fused {layout} layout ({'known family' if how == 'family' else 'from its name'}), split head-aligned"
+            reason = (f"feeds {row.rsplit('.', 1)[1]}; fused {layout} layout "
+                      f"({'known family' if how == 'family' else 'from its name'}), split head-aligned")
         else:
+            if dims.kv_heads * 2 * dims.head_dim + dims.heads * dims.head_dim == out and out != dims.hidden:
+                raise PlanError(f"{n} ({type(owner_mod).__name__}.{attr}) looks like a fused q/k/v projection "
+                                f"({dims.heads}+2x{dims.kv_heads} heads of {dims.head_dim}) of unknown layout; "
+                                f"splitting it contiguously would mix heads. Pass tp_plan={{'{n}': 'colwise_gather_output', "
+                                f"'{row}': 'rowwise_split_input'}} or add its layout to tp_trainer/planner/families.py")
             blocks = _separate_projection_blocks(out, dims, tp)
             reason = f"feeds {row.rsplit('.', 1)[1]}: output split" + (" (KV heads replicated)" if blocks else "")
         _check_divisible(n, out, blocks, tp)
         entries[n] = PlanEntry(Style.COLWISE, "rule", reason, blocks)
-    # Parameterised modules called inside the parallel region of this sub-block.
-    first_col = min(rank_of[n] for n in linears if n != row)
-    for name in order[first_col + 1: rank_of[row]]:
-        if name.startswith(owner + ".") and name not in entries and not is_linear(modules[name]):
+    for name in region:  # parameterised modules that see this sub-block's split activations
+        if name in entries:
+            continue
+        params = list(modules[name].parameters(recurse=False))
+        per_head = [p for p in params if p.dim() >= 2 and p.shape[0] in (dims.heads, dims.kv_heads)]
+        if per_head and len(per_head) == len(params):
+            heads = per_head[0].shape[0]
+            replicas = 1 if heads % tp == 0 else tp // heads
+            entries[name] = PlanEntry(Style.HEAD_SHARDED, "rule", "per-head parameters applied to split heads: "
+                                      "split by head", ((heads, replicas),) if replicas > 1 else None)
+        else:
             entries[name] = PlanEntry(Style.REPLICATED_GRAD_SUM, "rule",
                                       "applied to split activations inside the parallel region: grads summed over TP")
+
+
+def _demote_grad_sum_after_gathers(entries: dict[str, PlanEntry]) -> None:
+    """A norm the rules put in a parallel region sees replicated activations when the plan that won
+    (HF's or the user's) gathers that sub-block's column outputs: its gradient is then already full."""
+    gathered = {n.rsplit(".", 1)[0] for n, e in entries.items() if e.style == Style.COLWISE_GATHER}
+    for name, e in entries.items():
+        if e.style == Style.REPLICATED_GRAD_SUM and e.source == "rule" and name.rsplit(".", 1)[0] in gathered:
+            entries[name] = PlanEntry(Style.REPLICATED, "rule", "its sub-block's projections are gathered: "
+                                      "activations replicated")
 
 
 def _check_divisible(name, out, blocks, tp):
@@ -237,6 +277,8 @@ def _attention_patches(model, modules, plan: Plan, dims: ModelDims, tp: int) -> 
             elif attr == "num_key_value_groups":
                 attrs[attr] = local_h // local_kv
             elif attr in WIDTH_ATTRS and value == dims.heads * dims.head_dim:
+                attrs[attr] = value // tp
+            elif attr in KV_WIDTH_ATTRS and value == dims.kv_heads * dims.head_dim and dims.kv_heads % tp == 0:
                 attrs[attr] = value // tp
         config = {}
         cfg = getattr(mod, "config", None)

@@ -15,6 +15,7 @@ preparation never leaves a half asset that a later run would trust.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,10 +30,11 @@ from .tokenizer import build_tokenizer
 logger = logging.get_logger(__name__)
 
 #: Built-in model configs (Llama architecture); vocab_size comes from the tokenizer.
-#: tiny-llama: 4 heads of 32 so tp 1, 2 and 4 all split heads evenly; ~1.2M parameters with a
-#: ~1k vocabulary, so a few hundred tp=2 steps fit in a few minutes on 2 CPU cores.
+#: tiny-llama: 4 heads of 32 so tp 1, 2 and 4 all split heads evenly; ~1M parameters with a
+#: ~1k vocabulary, so a few hundred tp=2 steps fit in a few minutes on 2 CPU cores. (The MLP width
+#: 320 is deliberately not 384 = q+k+v width, which the planner's fused-QKV heuristic would flag.)
 BUILTIN_MODELS = {
-    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=320, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_dropout=0.0),
 }
@@ -99,7 +101,8 @@ def prepare_model(data_dir: str, name: str, tokenizer_dir: str, *, seed: int) ->
         tok.save_pretrained(tmp)
 
     tok_tag = os.path.basename(os.path.dirname(os.path.abspath(tokenizer_dir)))
-    return _atomic_dir(os.path.join(data_dir, f"{name}-seed{seed}-{tok_tag}"), write)
+    config_tag = hashlib.sha1(json.dumps(BUILTIN_MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
+    return _atomic_dir(os.path.join(data_dir, f"{name}-{config_tag}-seed{seed}-{tok_tag}"), write)
 
 
 def prepare_builtin(data_dir: str, *, model_name: str | None, train_size: int, eval_size: int, tasks, seed: int,

@@ -143,10 +143,36 @@ def family_checkpoints(base):
     return sorted(FAMILIES)
 
 
+def failing_rank_save(base):
+    """Rank 1 cannot write its files (say, a full disk): every rank must raise, none may hang."""
+    from tp_trainer import apply_tensor_parallel, checkpoint, plan_tensor_parallel
+    from tp_trainer.parallel.context import ParallelContext
+
+    ctx = ParallelContext.from_environment(2)
+    model = tiny_model("llama")
+    apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx)
+    write = checkpoint._write_rank_files
+
+    def fail_on_rank1(tmp, model, optimizer, ctx):
+        if ctx.rank == 1:
+            raise OSError(28, "No space left on device")
+        return write(tmp, model, optimizer, ctx)
+
+    checkpoint._write_rank_files = fail_on_rank1
+    try:
+        checkpoint.write_checkpoint(f"{base}/failing/checkpoint-1", model=model, optimizer=None, ctx=ctx, zero_stage=0)
+    except RuntimeError as err:
+        return str(err)
+    finally:
+        checkpoint._write_rank_files = write
+    return None
+
+
 def two_rank_world(base, plain_dir):
     rank = int(os.environ["RANK"])
     results = {
         "families": family_checkpoints(base),
+        "failing_rank": failing_rank_save(base),
         "ref": run(f"{base}/ref", tp=2, evaluate=True, save_total_limit=2),
         "same": run(f"{base}/same", tp=2, evaluate=True, resume=f"{base}/ref/checkpoint-2"),
         "tp1_dp2_zero2": run(f"{base}/tp1_dp2_zero2", zero=2, per_device=2, resume=f"{base}/ref/checkpoint-2"),
@@ -296,6 +322,35 @@ def test_killed_save_leaves_the_previous_checkpoint_to_resume_from(two, base):
     got = run(killed, zero=1, resume=True)  # picks checkpoint-2; a single process with ZeRO-1
     assert after(got["losses"]) == pytest.approx(after(two["ref"]["losses"]), abs=LAYOUT_TOL)
     assert got["dirs"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the next save cleared the leftover
+
+
+def test_a_rank_failing_to_save_fails_every_rank(two, base):
+    assert "rank 1: OSError: [Errno 28] No space left on device" in two["failing_rank"]
+    assert not os.path.exists(f"{base}/failing/checkpoint-1")
+
+
+def test_failure_between_files_leaves_no_checkpoint(tmp_path):
+    """An error after the shards are written, before the manifest: nothing is published; the next save cleans up."""
+    from tp_trainer.checkpoint import CheckpointReader, write_checkpoint
+    from tp_trainer.parallel.context import ParallelContext
+
+    class FailingExtras:
+        def write(self, directory, *, save_only_model):
+            assert os.path.isfile(os.path.join(directory, "model-tp00-of-01.safetensors"))  # mid-save
+            raise OSError("injected failure")
+
+    model, ctx = tiny_model("llama"), ParallelContext.single()
+    write_checkpoint(str(tmp_path / "checkpoint-1"), model=model, optimizer=None, ctx=ctx, zero_stage=0)
+    with pytest.raises(RuntimeError, match="checkpoint-2 failed .*injected failure.* earlier checkpoints are intact"):
+        write_checkpoint(str(tmp_path / "checkpoint-2"), model=model, optimizer=None, ctx=ctx, zero_stage=0,
+                         extras=FailingExtras())
+    assert sorted(os.listdir(tmp_path)) == [".tmp-checkpoint-2", "checkpoint-1"]
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    CheckpointReader.open(str(tmp_path / "checkpoint-1"), model=model)
+    write_checkpoint(str(tmp_path / "checkpoint-3"), model=model, optimizer=None, ctx=ctx, zero_stage=0)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-3"]
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints

@@ -240,36 +240,61 @@ def write_checkpoint(final: str, *, model, optimizer, ctx, zero_stage: int, save
     if ctx.rank == 0:
         os.makedirs(parent, exist_ok=True)
         for stale in os.listdir(parent):  # leftovers of killed saves: never complete, never resumed from
-            if stale.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR):
+            if stale.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR) or stale == TMP_PREFIX + name:
                 shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
         os.makedirs(tmp)
     _barrier(ctx)
     optimizer = None if save_only_model else unwrap_optimizer(optimizer)
-    files, pieces = _write_rank_files(tmp, model, optimizer, ctx)
-    gathered = _all_gather_object((files, pieces), ctx)
+    # A rank that fails (disk full, ...) reports instead of leaving the others blocked in a collective.
+    gathered = _all_gather_object(_attempt(_write_rank_files, tmp, model, optimizer, ctx), ctx)
+    _raise_if_failed(gathered, final)
+    outcome = None
     if ctx.rank == 0:
-        all_files, all_pieces = {}, {}
-        for rank_files, rank_pieces in gathered:
-            all_files.update(rank_files)
-            for pname, plist in rank_pieces.items():
-                all_pieces.setdefault(pname, []).extend(plist)
-        if optimizer is not None and not save_only_model:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            torch.save(groups, os.path.join(tmp, GROUPS))
-        if extras is not None:
-            extras.write(tmp, save_only_model=save_only_model)
-        for fname in sorted(os.listdir(tmp)):
-            if fname not in all_files and os.path.isfile(os.path.join(tmp, fname)):
-                all_files[fname] = _finish_file(os.path.join(tmp, fname))
-        manifest = _manifest(model, ctx, zero_stage, all_files, all_pieces, has_optimizer=bool(all_pieces))
-        manifest["model_save_dtype"] = str(save_dtype).removeprefix("torch.")
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
-        _publish(tmp, final)
-    _barrier(ctx)
+        outcome = _attempt(_finish_on_rank0, tmp, final, [g[0] for g in gathered], model=model, optimizer=optimizer,
+                           ctx=ctx, zero_stage=zero_stage, save_dtype=save_dtype, extras=extras,
+                           save_only_model=save_only_model)
+    _raise_if_failed(_all_gather_object(outcome, ctx), final)
+
+
+def _attempt(fn, *args, **kwargs) -> tuple:
+    """``(result, None)`` or ``(None, "ExceptionType: message")``."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as err:  # reported to every rank by the caller
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _raise_if_failed(outcomes: list, final: str) -> None:
+    failed = [f"rank {r}: {o[1]}" for r, o in enumerate(outcomes) if o is not None and o[1] is not None]
+    if failed:
+        raise RuntimeError(f"saving {final} failed ({'; '.join(failed)}); it was not written and the earlier "
+                           "checkpoints are intact")
+
+
+def _finish_on_rank0(tmp, final, per_rank, *, model, optimizer, ctx, zero_stage, save_dtype, extras,
+                     save_only_model) -> None:
+    """Rank 0: the shared files, the manifest (last, with every file's checksum), then the rename."""
+    all_files, all_pieces = {}, {}
+    for rank_files, rank_pieces in per_rank:
+        all_files.update(rank_files)
+        for pname, plist in rank_pieces.items():
+            all_pieces.setdefault(pname, []).extend(plist)
+    if optimizer is not None:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        torch.save(groups, os.path.join(tmp, GROUPS))
+    if extras is not None:
+        extras.write(tmp, save_only_model=save_only_model)
+    for fname in sorted(os.listdir(tmp)):
+        if fname not in all_files and os.path.isfile(os.path.join(tmp, fname)):
+            all_files[fname] = _finish_file(os.path.join(tmp, fname))
+    manifest = _manifest(model, ctx, zero_stage, all_files, all_pieces, has_optimizer=bool(all_pieces))
+    manifest["model_save_dtype"] = str(save_dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)
+    _publish(tmp, final)
 
 
 def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:

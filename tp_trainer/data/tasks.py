@@ -14,9 +14,11 @@ Available tasks (see :data:`TASKS`):
 * ``max`` -- the largest of 3-6 numbers in ``0..99``.
 * ``first_word`` / ``last_word`` -- the first / last of 3-5 words (``"owl red sun"`` -> ``"owl"``).
 
-First/last word are learned within a few hundred CPU steps by the
-built-in ~1M parameter model; copy/reverse are learnable by a ~1-5M parameter model within a few hundred CPU
-steps; arithmetic is harder. That spread is intended: it gives an informative
+The tasks differ in difficulty: first/last word and copy_field only need the model
+to find and copy one word (attention-based copying), reverse and sort need it for
+every token, arithmetic needs carries. The built-in ~1M parameter model reaches
+only a few percent on the copying tasks in its few hundred CPU steps (loss falls
+from ~6.5 to ~1.4 nats per response token); that spread gives an informative
 per-task accuracy table.
 
 All randomness comes from a :class:`random.Random` seeded by the caller, so the

@@ -110,6 +110,11 @@ class TPTrainer(Trainer):
                           processing_class=self.processing_class, training_args=self.args,
                           is_main=self.args.should_save)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.tp_active:
+            return super()._save(output_dir, state_dict)
+        self.save_model(output_dir)  # a TP model's own state_dict holds shards: gather instead
+
     def _save_checkpoint(self, model, trial) -> None:
         if not self.tp_active:
             return super()._save_checkpoint(model, trial)

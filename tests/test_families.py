@@ -45,7 +45,8 @@ def train_steps(family, tp, user_plan=None):
         opt.step()
         model.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "grads": grads}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return {"losses": losses, "norms": norms, "grads": grads, "tied": tied}
 
 
 # name -> (family, user plan)
@@ -101,6 +102,12 @@ def test_moe_experts_are_refused_at_planning_time_with_the_fix():
         model = T.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ValueError, match=r"moe_tp_experts.*not supported.*tp_plan="):
         plan_tensor_parallel(model, 2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "opt"])
+def test_tied_embeddings_stay_tied(tp2, family):
+    assert tiny_model(family).config.tie_word_embeddings
+    assert all(rank[family]["tied"] for rank in tp2)  # one shard object serves embedding and lm_head
 
 
 def test_training_actually_moves_the_weights(tp2):

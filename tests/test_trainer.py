@@ -91,6 +91,7 @@ TWO_RANK_RUNS = {
     "tp2": dict(tp=2),
     "tp2_gas2": dict(tp=2, gas=2, per_device=2),
     "tp2_zero1_bf16_weights": dict(tp=2, zero=1, model_dtype=torch.bfloat16),
+    "tp2_zero2_bf16_autocast": dict(tp=2, zero=2, bf16=True),
     "tp2_group_by_length_workers": dict(tp=2, train_sampling_strategy="group_by_length", dataloader_num_workers=1),
     "tp1_dropin": dict(tp=1, per_device=2),
     "dp2_plain_trainer": dict(trainer_cls="Trainer", per_device=4),  # the dp-only reference of the 4-rank runs
@@ -122,6 +123,17 @@ def test_bf16_weights_keep_fp32_master_copies(two_ranks):
         run = rank["tp2_zero1_bf16_weights"]
         assert run["master_dtypes"] == ["torch.float32"]
         assert run["losses"] == pytest.approx(ref["losses"], abs=3e-2)
+
+
+def test_bf16_autocast_tracks_the_autocast_reference(two_ranks):
+    # --bf16: fp32 weights, bf16 matmuls under autocast in both runs; TP changes which bf16 partial
+    # sums are rounded, ~1e-2 on the loss after 6 steps; a real error is >1e-1.
+    ref = reference(bf16=True)
+    for rank in two_ranks:
+        run = rank["tp2_zero2_bf16_autocast"]
+        assert run["master_dtypes"] == ["torch.float32"]
+        assert run["losses"] == pytest.approx(ref["losses"], abs=3e-2)
+        assert run["eval_loss"] == pytest.approx(ref["eval_loss"], abs=3e-2)
 
 
 def test_group_by_length_and_workers_feed_identical_batches(two_ranks):

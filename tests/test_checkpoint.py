@@ -96,9 +96,9 @@ def assert_weights(got, want, *, exact):
 # ------------------------------------------------------------------------------------ worlds
 def kill_rank1_during_save(step):
     """Patch the writer so that rank 1 dies by SIGKILL right after writing its files for ``step``."""
-    from tp_trainer import checkpoint
+    from tp_trainer.checkpoint import save
 
-    write = checkpoint._write_rank_files
+    write = save._write_rank_files
 
     def write_then_die(tmp, model, optimizer, ctx):
         out = write(tmp, model, optimizer, ctx)
@@ -106,7 +106,7 @@ def kill_rank1_during_save(step):
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
-    checkpoint._write_rank_files = write_then_die
+    save._write_rank_files = write_then_die
 
 
 def collective_validation(path):
@@ -145,26 +145,27 @@ def family_checkpoints(base):
 
 def failing_rank_save(base):
     """Rank 1 cannot write its files (say, a full disk): every rank must raise, none may hang."""
-    from tp_trainer import apply_tensor_parallel, checkpoint, plan_tensor_parallel
+    from tp_trainer import apply_tensor_parallel, plan_tensor_parallel
+    from tp_trainer.checkpoint import save
     from tp_trainer.parallel.context import ParallelContext
 
     ctx = ParallelContext.from_environment(2)
     model = tiny_model("llama")
     apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx)
-    write = checkpoint._write_rank_files
+    write = save._write_rank_files
 
     def fail_on_rank1(tmp, model, optimizer, ctx):
         if ctx.rank == 1:
             raise OSError(28, "No space left on device")
         return write(tmp, model, optimizer, ctx)
 
-    checkpoint._write_rank_files = fail_on_rank1
+    save._write_rank_files = fail_on_rank1
     try:
-        checkpoint.write_checkpoint(f"{base}/failing/checkpoint-1", model=model, optimizer=None, ctx=ctx, zero_stage=0)
+        save.write_checkpoint(f"{base}/failing/checkpoint-1", model=model, optimizer=None, ctx=ctx, zero_stage=0)
     except RuntimeError as err:
         return str(err)
     finally:
-        checkpoint._write_rank_files = write
+        save._write_rank_files = write
     return None
 
 

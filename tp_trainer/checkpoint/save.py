@@ -1,0 +1,244 @@
+"""Writing sharded checkpoints: every rank its own files, rank 0 the manifest, one atomic rename.
+
+Collectives: one ``all_gather_object`` of each rank's file checksums and optimizer-piece index
+(small), one of rank 0's outcome (which doubles as the final barrier). A rank that fails reports
+its error to every rank instead of leaving them blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from ..parallel.gather import _persistent_buffers
+from .layout import (FORMAT, GROUPS, MANIFEST, SCALER, SCHEDULER, TMP_PREFIX, TRAINER_STATE, VERSION,
+                     _all_gather_object, _barrier, _finish_file, _fsync, _full_shape, _rng_states, _spec_record,
+                     _versions, is_complete, unwrap_optimizer)
+
+logger = logging.get_logger(__name__)
+
+
+def save_training_checkpoint(trainer, trial=None) -> str:
+    """Everything ``Trainer._save_checkpoint`` saves, sharded and atomic; returns the final path.
+
+    Called on every rank (collective). Mirrors the Trainer's bookkeeping: ``store_flos``, the best
+    model checkpoint, stateful callbacks, rotation.
+    """
+    args, state, ctx = trainer.args, trainer.state, trainer.tp_context
+    if trainer.hp_search_backend is None and trial is None:
+        trainer.store_flos()
+    run_dir = trainer._get_output_dir(trial=trial)
+    final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    if state.best_global_step:
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+        if os.path.exists(best) or best == final:
+            state.best_model_checkpoint = best
+    for cb in trainer.callback_handler.callbacks + [trainer.control]:  # as Trainer._save_checkpoint does
+        if isinstance(cb, ExportableState):
+            name = type(cb).__name__
+            if isinstance(state.stateful_callbacks.get(name), list):
+                state.stateful_callbacks[name].append(cb.state())
+            else:
+                state.stateful_callbacks[name] = cb.state()
+    from ..export import resolve_save_dtype
+
+    write_checkpoint(final, model=trainer.model, optimizer=trainer.optimizer, ctx=ctx,
+                     zero_stage=args.zero_stage, save_only_model=args.save_only_model,
+                     save_dtype=resolve_save_dtype(args, trainer.model), extras=_RankZeroExtras(trainer))
+    if ctx.rank == 0:
+        rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+    _barrier(ctx)
+    return final
+
+
+class _RankZeroExtras:
+    """The small, topology-independent files rank 0 adds (scheduler, trainer state, config, tokenizer)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def write(self, directory: str, *, save_only_model: bool) -> None:
+        t = self.trainer
+        if not save_only_model:
+            if t.lr_scheduler is not None:
+                torch.save(t.lr_scheduler.state_dict(), os.path.join(directory, SCHEDULER))
+            scaler = getattr(t.accelerator, "scaler", None)
+            if scaler is not None:
+                torch.save(scaler.state_dict(), os.path.join(directory, SCALER))
+        t.state.save_to_json(os.path.join(directory, TRAINER_STATE))
+        torch.save(t.args, os.path.join(directory, "training_args.bin"))
+        write_model_metadata(t.model, directory, t.processing_class)
+
+
+def write_model_metadata(model, directory: str, processing_class=None) -> None:
+    """config.json, generation_config.json and the tokenizer, as ``save_pretrained`` writes them."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(directory)
+    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+        processing_class.save_pretrained(directory)
+
+
+def write_checkpoint(final: str, *, model, optimizer, ctx, zero_stage: int, save_only_model: bool = False,
+                     save_dtype: torch.dtype = torch.float32, extras=None) -> None:
+    """Write ``final`` atomically from every rank (collective); see the module docstring."""
+    parent, name = os.path.split(os.path.abspath(final))
+    tmp = os.path.join(parent, TMP_PREFIX + name)
+    if ctx.rank == 0:
+        os.makedirs(parent, exist_ok=True)
+        for stale in os.listdir(parent):  # leftovers of killed saves: never complete, never resumed from
+            if stale.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR) or stale == TMP_PREFIX + name:
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(ctx)
+    optimizer = None if save_only_model else unwrap_optimizer(optimizer)
+    # A rank that fails (disk full, ...) reports instead of leaving the others blocked in a collective.
+    gathered = _all_gather_object(_attempt(_write_rank_files, tmp, model, optimizer, ctx), ctx)
+    _raise_if_failed(gathered, final)
+    outcome = None
+    if ctx.rank == 0:
+        outcome = _attempt(_finish_on_rank0, tmp, final, [g[0] for g in gathered], model=model, optimizer=optimizer,
+                           ctx=ctx, zero_stage=zero_stage, save_dtype=save_dtype, extras=extras,
+                           save_only_model=save_only_model)
+    _raise_if_failed(_all_gather_object(outcome, ctx), final)
+
+
+def _attempt(fn, *args, **kwargs) -> tuple:
+    """``(result, None)`` or ``(None, "ExceptionType: message")``."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as err:  # reported to every rank by the caller
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _raise_if_failed(outcomes: list, final: str) -> None:
+    failed = [f"rank {r}: {o[1]}" for r, o in enumerate(outcomes) if o is not None and o[1] is not None]
+    if failed:
+        raise RuntimeError(f"saving {final} failed ({'; '.join(failed)}); it was not written and the earlier "
+                           "checkpoints are intact")
+
+
+def _finish_on_rank0(tmp, final, per_rank, *, model, optimizer, ctx, zero_stage, save_dtype, extras,
+                     save_only_model) -> None:
+    """Rank 0: the shared files, the manifest (last, with every file's checksum), then the rename."""
+    all_files, all_pieces = {}, {}
+    for rank_files, rank_pieces in per_rank:
+        all_files.update(rank_files)
+        for pname, plist in rank_pieces.items():
+            all_pieces.setdefault(pname, []).extend(plist)
+    if optimizer is not None:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        torch.save(groups, os.path.join(tmp, GROUPS))
+    if extras is not None:
+        extras.write(tmp, save_only_model=save_only_model)
+    for fname in sorted(os.listdir(tmp)):
+        if fname not in all_files and os.path.isfile(os.path.join(tmp, fname)):
+            all_files[fname] = _finish_file(os.path.join(tmp, fname))
+    manifest = _manifest(model, ctx, zero_stage, all_files, all_pieces, has_optimizer=bool(all_pieces))
+    manifest["model_save_dtype"] = str(save_dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)
+    _publish(tmp, final)
+
+
+def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:
+    files, pieces = {}, {}
+    if ctx.dp_rank == 0:
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+        if ctx.tp_rank == 0:
+            tensors.update({n: b.detach().contiguous() for n, b in _persistent_buffers(model)})
+        fname = f"model-tp{ctx.tp_rank:02d}-of-{ctx.tp_size:02d}.safetensors"
+        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+        files[fname] = _finish_file(os.path.join(tmp, fname))
+    if optimizer is not None and (not optimizer.state_replicated_over_dp or ctx.dp_rank == 0):
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = {}
+        for p, lo, hi, master, state in optimizer.export_state_pieces():
+            n = names[id(p)]
+            pieces.setdefault(n, []).append([ctx.rank, ctx.tp_rank, lo, hi])
+            for key, value in state.items():
+                tensors[f"{n}::{key}"] = value.detach().clone()  # views of one flat buffer: safetensors wants copies
+            if p.dtype != torch.float32:
+                tensors[f"{n}::master"] = master.clone()
+        fname = f"optim-rank{ctx.rank:05d}.safetensors"
+        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+        files[fname] = _finish_file(os.path.join(tmp, fname))
+    fname = f"rng_state_{ctx.rank}.pth"
+    torch.save(_rng_states(), os.path.join(tmp, fname))
+    files[fname] = _finish_file(os.path.join(tmp, fname))
+    return files, pieces
+
+
+def _manifest(model, ctx, zero_stage, files, pieces, *, has_optimizer: bool) -> dict:
+    tensors = {}
+    for n, p in model.named_parameters():
+        tensors[n] = {"kind": "param", "dtype": str(p.dtype).removeprefix("torch."), "full_shape": _full_shape(p),
+                      "shard": _spec_record(getattr(p, "tp_spec", None))}
+    for n, b in _persistent_buffers(model):
+        tensors[n] = {"kind": "buffer", "dtype": str(b.dtype).removeprefix("torch."), "full_shape": list(b.shape),
+                      "shard": None}
+    config = getattr(model, "config", None)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "topology": {"tp_size": ctx.tp_size, "dp_size": ctx.dp_size, "world_size": ctx.world_size,
+                     "zero_stage": zero_stage},
+        "model": {"class": type(model).__name__, "model_type": getattr(config, "model_type", None)},
+        "versions": _versions(),
+        "tensors": tensors,
+        "optimizer": {"pieces": pieces} if has_optimizer else None,
+        "files": files,
+    }
+
+
+def _publish(tmp: str, final: str) -> None:
+    """``rename(tmp, final)``; an existing ``final`` (same step saved again) is moved aside first."""
+    trash = None
+    if os.path.exists(final):
+        trash = tmp + ".old"
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync(os.path.dirname(final))
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+_STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def rotate_checkpoints(run_dir: str, limit: int | None, best: str | None) -> list[str]:
+    """Delete the oldest checkpoints beyond ``limit``; keeps the newest complete one and ``best``."""
+    if not limit or limit <= 0:
+        return []
+    found = sorted((int(m.group(1)), os.path.join(run_dir, d)) for d in os.listdir(run_dir)
+                   if (m := _STEP.match(d)) and os.path.isdir(os.path.join(run_dir, d)))
+    paths = [p for _, p in found]
+    complete = [p for p in paths if is_complete(p)]
+    protected = {complete[-1]} if complete else set()
+    if best:
+        protected.add(os.path.abspath(best))
+    protected = {os.path.abspath(p) for p in protected}
+    deleted, remaining = [], len(paths)
+    for p in paths:
+        if remaining <= max(limit, len(protected)):
+            break
+        if os.path.abspath(p) not in protected:
+            logger.info(f"Deleting older checkpoint [{p}] due to args.save_total_limit")
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+            remaining -= 1
+    return deleted

@@ -112,7 +112,7 @@ def test_eval_command_prints_the_before_after_table(report, capsys):
     from tp_trainer.commands.eval import main
 
     builtin = report["work"] / "builtin"
-    before = next(p for p in builtin.iterdir() if p.name.startswith("tiny-llama-seed"))
+    before = next(p for p in builtin.iterdir() if p.name.startswith("tiny-llama-"))
     data = next(builtin.glob("tasks-*/eval.jsonl"))
     after = report["work"] / TP_RUN / "final"
     assert main([f"before SFT={before}", f"tp2={after}", "--data", str(data), "--limit", "7",

@@ -96,6 +96,12 @@ def test_unknown_fused_qkv_is_refused_not_split_blindly(monkeypatch):
         plan_tensor_parallel(tiny_model("gpt_bigcode"), 2)
 
 
+def test_an_mlp_as_wide_as_a_fused_qkv_is_not_mistaken_for_one():
+    model = tiny_model("llama", intermediate_size=128)  # (4 + 2*2) heads x 16 = 128 too
+    model._tp_plan = {}
+    assert _block0(plan_tensor_parallel(model, 2))["mlp.gate_proj"].style == Style.COLWISE
+
+
 def test_rules_agree_with_the_hf_plan_where_both_exist():
     with_hf = plan_tensor_parallel(tiny_model("llama"), 2)
     model = tiny_model("llama")

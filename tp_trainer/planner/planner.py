@@ -203,7 +203,8 @@ def _place_sub_block(owner, linears, modules, order, rank_of, dims, tp, entries,
             reason = (f"feeds {row.rsplit('.', 1)[1]}; fused {layout} layout "
                       f"({'known family' if how == 'family' else 'from its name'}), split head-aligned")
         else:
-            if dims.kv_heads * 2 * dims.head_dim + dims.heads * dims.head_dim == out and out != dims.hidden:
+            if (_is_attention(owner_mod) and out != dims.hidden
+                    and out == (dims.heads + 2 * dims.kv_heads) * dims.head_dim):
                 raise PlanError(f"{n} ({type(owner_mod).__name__}.{attr}) looks like a fused q/k/v projection "
                                 f"({dims.heads}+2x{dims.kv_heads} heads of {dims.head_dim}) of unknown layout; "
                                 f"splitting it contiguously would mix heads. Pass tp_plan={{'{n}': 'colwise_gather_output', "
@@ -225,6 +226,11 @@ def _place_sub_block(owner, linears, modules, order, rank_of, dims, tp, entries,
         else:
             entries[name] = PlanEntry(Style.REPLICATED_GRAD_SUM, "rule",
                                       "applied to split activations inside the parallel region: grads summed over TP")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """Attention modules are the ones whose widths are counted in heads."""
+    return "attention" in type(module).__name__.lower() or hasattr(module, "head_dim")
 
 
 def _demote_grad_sum_after_gathers(entries: dict[str, PlanEntry]) -> None:
@@ -264,7 +270,7 @@ def _attention_patches(model, modules, plan: Plan, dims: ModelDims, tp: int) -> 
     patches = {}
     for owner in sorted(owners):
         mod = modules[owner]
-        if "attention" not in type(mod).__name__.lower() and not hasattr(mod, "head_dim"):
+        if not _is_attention(mod):
             continue  # an MLP: its widths are not per-head
         attrs = {}
         for attr, value in vars(mod).items():

@@ -137,7 +137,17 @@ def test_labels_mask_exactly_the_prompt(tok, records):
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
 
 
-def test_truncation_cuts_response_end_and_drops_long_prompts(tok, caplog):
+@pytest.fixture
+def sft_log(caplog):
+    """caplog for tp_trainer.data.sft: the package logger does not propagate to the root (its own handler)."""
+    logger = logging.getLogger("tp_trainer.data.sft")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_truncation_cuts_response_end_and_drops_long_prompts(tok, sft_log):
+    caplog = sft_log
     long_out = {"instruction": "Reverse the sequence of letters.", "input": "a b c",
                 "output": "c b a " * 10}
     n_prompt = len(tok(format_prompt(long_out))["input_ids"])
@@ -244,7 +254,8 @@ def test_malformed_json_list_names_index(tmp_path):
         load_alpaca(broken)
 
 
-def test_skip_mode_warns_once_with_count_and_locations(tmp_path, caplog):
+def test_skip_mode_warns_once_with_count_and_locations(tmp_path, sft_log):
+    caplog = sft_log
     lines = [json.dumps(GOOD), "not json", json.dumps({"output": "y"}), json.dumps(GOOD), "{"]
     path = _write(tmp_path, "mixed.jsonl", "\n".join(lines))
     with caplog.at_level(logging.WARNING, logger="tp_trainer.data.sft"):

@@ -110,7 +110,9 @@ def summary(trainer) -> str:
 
 def train(recipe: Recipe) -> int:
     args = recipe.training
-    paths = resolve_assets(recipe)
+    # local rank 0 generates missing built-in assets while the others wait (save_pretrained writes only on rank 0)
+    with args.main_process_first(local=True, desc="preparing the built-in assets"):
+        paths = resolve_assets(recipe)
     trainer = build_trainer(recipe, paths)
     if args.should_log:
         print(summary(trainer), flush=True)

@@ -39,6 +39,7 @@ class TPTrainingArguments(TrainingArguments):
             from .tp_config import apply_tp_config
             apply_tp_config(self)
         self.validate_layout()  # before the Trainer's __post_init__ joins the process group
+        self._use_cpu_when_launched_without_accelerator()
         super().__post_init__()
 
     def validate_layout(self) -> None:
@@ -61,6 +62,19 @@ class TPTrainingArguments(TrainingArguments):
         if self.parallel_active and getattr(self, "train_sampling_strategy", None) == "batch_rebalance":
             raise ValueError("train_sampling_strategy='batch_rebalance' shards by global rank and would feed "
                              "different batches to the ranks of a TP group; use 'random' or 'group_by_length'")
+
+    def _use_cpu_when_launched_without_accelerator(self) -> None:
+        """Under torchrun on a machine without CUDA, accelerate only joins the process group when told
+        ``use_cpu``; otherwise every rank believes it is process 0 of 1 (each logs and saves, no dp
+        sharding). A TP/ZeRO world has no other sensible device there, so choose it and say so."""
+        import torch
+
+        if (self.parallel_active and not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                and not torch.cuda.is_available()):
+            from transformers.utils import logging
+
+            logging.get_logger(__name__).info("no CUDA device under a distributed launch: using the CPU (gloo)")
+            self.use_cpu = True
 
     @property
     def parallel_active(self) -> bool:

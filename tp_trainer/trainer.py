@@ -52,6 +52,11 @@ class TPTrainer(Trainer):
             apply_tensor_parallel(model, plan, context)
             self.tp_context, self.tp_plan = context, plan
         super().__init__(model, args, *pos, **kwargs)
+        if active and self.args.world_size != self.tp_context.world_size:
+            raise RuntimeError(
+                f"accelerate sees world_size={self.args.world_size} but the launch has {self.tp_context.world_size} "
+                "ranks: every rank would log, save and read data as if alone. Pass --use_cpu on a machine "
+                "without GPUs, or launch with torchrun / accelerate launch --multi_gpu.")
         if active:
             TPAccelerator.adopt(self.accelerator, self.tp_context)
             # Trainer.__init__ bound the world-wide gather before the accelerator knew the mesh

@@ -69,7 +69,8 @@ class TPTrainingArguments(TrainingArguments):
         sharding). A TP/ZeRO world has no other sensible device there, so choose it and say so."""
         import torch
 
-        if (self.parallel_active and not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun's env, not just WORLD_SIZE
+        if (self.parallel_active and not self.use_cpu and launched and int(os.environ.get("WORLD_SIZE", "1")) > 1
                 and not torch.cuda.is_available()):
             from transformers.utils import logging
 

@@ -16,6 +16,7 @@ argument; there is no module-level state.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 
@@ -28,6 +29,14 @@ def default_device_and_backend() -> tuple[torch.device, str]:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process groups down before interpreter shutdown: left to the C++ destructors, a gloo
+    rank can abort at exit ("terminate called without an active exception"), and torchrun then
+    reports a finished run as failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_layout(world_size: int, tp_size: int) -> int:
@@ -101,6 +110,7 @@ class ParallelContext:
             dist.init_process_group(backend=backend, **kwargs)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        atexit.register(_destroy_process_group_at_exit)  # idempotent: a no-op once the group is gone
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))

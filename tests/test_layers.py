@@ -1,5 +1,8 @@
 """TP layers against their dense counterparts on 2 gloo ranks: outputs, input gradients, weight gradients.
 
+Every check runs twice: with the TP all-reduces on the shared-memory transport (what
+ParallelContext picks for gloo ranks on one host) and on gloo itself (the fallback across hosts).
+
 Tolerance: fp32 with the same inputs; the only difference is summation order (a row-parallel
 product sums two partial dot products, the vocab-parallel loss two partial exp-sums), which
 moves results by a few ulps: atol 1e-5 on O(1) values.
@@ -11,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import run_distributed
+from tp_trainer.parallel.collectives import all_reduce_transport
 from tp_trainer.parallel.context import ParallelContext
 from tp_trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from tp_trainer.parallel.gather import gather_full
@@ -56,9 +60,10 @@ def _mlp_case(ctx, up, down, x):
 
 def layer_suite():
     ctx = ParallelContext.from_environment(2)
+    transport = "shared_memory" if all_reduce_transport(ctx.tp_group) is not None else "gloo"
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
-    out = {}
+    out = {"transport": transport}
     out["linear"] = _mlp_case(ctx, nn.Linear(8, 12), nn.Linear(12, 8), x)
     out["conv1d"] = _mlp_case(ctx, Conv1D(12, 8), Conv1D(8, 12), x)
 
@@ -102,9 +107,13 @@ def layer_suite():
     return out
 
 
-@pytest.fixture(scope="module")
-def results():
-    return run_distributed(layer_suite, 2)
+@pytest.fixture(scope="module", params=["shared_memory", "gloo"])
+def results(request):
+    env = {"TP_TRAINER_SHM_ALLREDUCE": "1" if request.param == "shared_memory" else "0"}
+    out = run_distributed(layer_suite, 2, env=env)
+    for r in out:  # the run used the transport it was meant to test
+        assert r.pop("transport") == request.param
+    return out
 
 
 @pytest.mark.parametrize("case", ["linear", "conv1d", "gather_output", "embedding"])

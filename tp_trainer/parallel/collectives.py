@@ -1,16 +1,48 @@
-"""The flat collectives used by the TP layers and ZeRO, named once for every torch version.
+"""The collectives used by the TP layers and ZeRO, named once for every torch version.
 
 torch 2.13 renamed ``all_gather_into_tensor``/``reduce_scatter_tensor`` to
 ``all_gather_single``/``reduce_scatter_single`` (the old names warn). Both write into a
 pre-allocated output that is the concatenation along dim 0 of the ranks' inputs.
+
+:func:`all_reduce` is the one entry for in-place all-reduces over a TP group. A group may be
+given a faster transport with :func:`set_all_reduce_transport` (done once, by
+:class:`~tp_trainer.parallel.context.ParallelContext`, for gloo groups on one host: see
+``shm.py``); every other group goes through ``torch.distributed``. The table is keyed weakly
+by the group object, so it holds no group alive and a destroyed group's entry disappears.
 """
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 import torch.distributed as dist
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_transports: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def set_all_reduce_transport(group, transport) -> None:
+    """Route :func:`all_reduce` on ``group`` through ``transport(tensor, op)`` (``None``: the backend)."""
+    if transport is None:
+        _transports.pop(group, None)
+    else:
+        _transports[group] = transport
+
+
+def all_reduce_transport(group):
+    """The transport :func:`all_reduce` uses for ``group`` (``None``: ``torch.distributed``)."""
+    return _transports.get(group) if group is not None else None
+
+
+def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place: ``tensor = op over the ranks of group of tensor``; returns ``tensor`` (contiguous input)."""
+    transport = _transports.get(group)
+    if transport is not None:
+        return transport(tensor, op)
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def all_gather_flat(output, tensor, group) -> None:

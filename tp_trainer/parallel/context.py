@@ -11,7 +11,8 @@ Example, world 4, tp 2::
 
 The device and the backend are chosen here and nowhere else: NCCL on CUDA, gloo on CPU.
 Every other module receives the :class:`ParallelContext` (or one of its groups) as an
-argument; there is no module-level state.
+argument; there is no module-level state (the one table, ``collectives``' group -> all-reduce
+transport, is filled here, for the TP group, when gloo ranks share a host: ``shm.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .collectives import all_reduce_transport, set_all_reduce_transport
+from .shm import maybe_shared_memory_all_reduce
 
 
 def default_device_and_backend() -> tuple[torch.device, str]:
@@ -115,13 +119,17 @@ class ParallelContext:
 
         mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
         rank = dist.get_rank()
+        tp_group = mesh.get_group("tp") if tp_size > 1 else None
+        if tp_group is not None:
+            # gloo on one host: the TP activation all-reduces go through shared memory (shm.py)
+            set_all_reduce_transport(tp_group, maybe_shared_memory_all_reduce(tp_group, dist.get_backend()))
         return cls(
             tp_size=tp_size,
             dp_size=dp_size,
             rank=rank,
             tp_rank=rank % tp_size,
             dp_rank=rank // tp_size,
-            tp_group=mesh.get_group("tp") if tp_size > 1 else None,
+            tp_group=tp_group,
             dp_group=mesh.get_group("dp") if dp_size > 1 else None,
             world_group=dist.group.WORLD,
             device=device,
@@ -130,7 +138,8 @@ class ParallelContext:
         )
 
     def describe(self) -> str:
+        shm = " + shared-memory TP all-reduce" if all_reduce_transport(self.tp_group) is not None else ""
         return (
-            f"world={self.world_size} = dp {self.dp_size} x tp {self.tp_size} ({self.backend}, {self.device.type}); "
+            f"world={self.world_size} = dp {self.dp_size} x tp {self.tp_size} ({self.backend}{shm}, {self.device.type}); "
             f"rank {self.rank}: tp_rank {self.tp_rank} of {self.tp_ranks}, dp_rank {self.dp_rank} of {self.dp_ranks}"
         )

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from .collectives import all_reduce
+
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
@@ -24,7 +26,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if vocab_valid < logits.shape[-1]:
             logits[:, vocab_valid:] = float("-inf")
         local_max = logits.max(dim=-1).values
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(local_max, group, op=dist.ReduceOp.MAX)
         logits.sub_(local_max.unsqueeze(-1))
         local_t = target - vocab_start
         owned = (local_t >= 0) & (local_t < vocab_valid)
@@ -33,7 +35,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = logits.exp_()
         sum_exp = exp.sum(dim=-1)
         stacked = torch.stack([sum_exp, target_logit])
-        dist.all_reduce(stacked, group=group)  # one collective for both sums
+        all_reduce(stacked, group)  # one collective for both sums
         sum_exp, target_logit = stacked[0], stacked[1]
         loss = sum_exp.log() - target_logit
         exp.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward

@@ -18,7 +18,8 @@ a replicated element on TP rank 0, a shared KV row on its lowest holder); summin
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from .collectives import all_reduce
 
 
 def needs_tp_grad_sum(param: torch.Tensor) -> bool:
@@ -34,11 +35,11 @@ def sync_partial_tp_grad(param: torch.Tensor, grad: torch.Tensor, tp_group) -> N
     if spec is not None and spec.overlaps:
         full = grad.new_zeros(spec.full_shape)
         spec.scatter_add_into(full, grad)
-        dist.all_reduce(full, group=tp_group)
+        all_reduce(full, tp_group)
         held = spec.take(full)
         grad.narrow(spec.dim, 0, held.shape[spec.dim]).copy_(held)
     else:
-        dist.all_reduce(grad, group=tp_group)
+        all_reduce(grad, tp_group)
 
 
 def sync_partial_tp_grads(params, tp_group) -> None:

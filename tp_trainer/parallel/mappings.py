@@ -22,15 +22,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather_flat
+from .collectives import all_gather_flat, all_reduce
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group is None:
         return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
+    return all_reduce(x.contiguous(), group)
 
 
 def _split_last(x: torch.Tensor, group) -> torch.Tensor:

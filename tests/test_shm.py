@@ -1,0 +1,94 @@
+"""The shared-memory all-reduce (tp_trainer/parallel/shm.py) against gloo's, on real processes.
+
+Exactness: every rank combines the same slots in rank order with the same kernels, so the
+results must be bit-identical across ranks and, for 2 ranks (one addition, rounded once like
+gloo's), bit-identical to gloo's all-reduce; with 3 ranks they equal ``(x0 + x1) + x2``
+computed locally, bit for bit. No tolerance is needed anywhere.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+
+DTYPES = (torch.float32, torch.bfloat16, torch.int64)
+
+
+def _input(rank: int, numel: int, dtype, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    if dtype == torch.int64:
+        return torch.randint(-1000, 1000, (numel,), generator=g)
+    return torch.randn(numel, generator=g).to(dtype)
+
+
+def _reference(world: int, numel: int, dtype, step: int, op) -> torch.Tensor:
+    combine = torch.add if op == dist.ReduceOp.SUM else torch.maximum
+    acc = combine(_input(0, numel, dtype, step), _input(1, numel, dtype, step))
+    for j in range(2, world):
+        acc = combine(acc, _input(j, numel, dtype, step))
+    return acc
+
+
+def shm_suite(slot_bytes: int):
+    from tp_trainer.parallel.shm import maybe_shared_memory_all_reduce
+
+    group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    reducer = maybe_shared_memory_all_reduce(group, "gloo", slot_bytes=slot_bytes)
+    assert reducer is not None
+    dist.barrier()  # rank 0 has unlinked the file once the constructor returned there
+    out = {"file_left": os.path.exists(reducer.path), "mismatch": [], "gloo_mismatch": [], "checked": 0}
+    # sizes below, at and far above one slot (chunked), odd sizes, many ops in a row (double buffering)
+    sizes = [1, 7, slot_bytes // 8, slot_bytes // 4 + 3, 5 * slot_bytes + 1, 1000, 2, 12345]
+    step = 0
+    for dtype in DTYPES:
+        for op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+            for numel in sizes:
+                step += 1
+                x = _input(rank, numel, dtype, step)
+                got = reducer(x.clone(), op)
+                if not torch.equal(got, _reference(world, numel, dtype, step, op)):
+                    out["mismatch"].append((str(dtype), str(op), numel))
+                if world == 2:  # the same single rounding as gloo's sum
+                    expected = x.clone()
+                    dist.all_reduce(expected, op=op)
+                    if not torch.equal(got, expected):
+                        out["gloo_mismatch"].append((str(dtype), str(op), numel))
+                out["checked"] += 1
+    errors = []
+    for bad in (lambda: reducer(torch.ones(4, 4).t()), lambda: reducer(torch.ones(4), dist.ReduceOp.PRODUCT)):
+        try:
+            bad()
+        except ValueError as err:
+            errors.append(str(err))
+    out["errors"] = errors
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_all_reduce_is_exact(world):
+    results = run_distributed(shm_suite, world, 256)
+    for rank, r in enumerate(results):
+        assert r["checked"] == 3 * 2 * 8
+        assert r["mismatch"] == [], f"rank {rank}: differs from the rank-order reference: {r['mismatch']}"
+        assert r["gloo_mismatch"] == [], f"rank {rank}: differs from gloo's all-reduce: {r['gloo_mismatch']}"
+        assert not r["file_left"], "the buffer file must be unlinked once every rank mapped it"
+        assert "contiguous" in r["errors"][0] and "PRODUCT" in r["errors"][1]
+
+
+def context_suite():
+    from tp_trainer.parallel.collectives import all_reduce_transport
+    from tp_trainer.parallel.context import ParallelContext
+
+    ctx = ParallelContext.from_environment(2)
+    return {"transport": all_reduce_transport(ctx.tp_group) is not None, "describe": ctx.describe()}
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_context_picks_shared_memory_on_one_host_unless_disabled(setting):
+    results = run_distributed(context_suite, 2, env={"TP_TRAINER_SHM_ALLREDUCE": setting})
+    for r in results:
+        assert r["transport"] is (setting == "1")
+        assert ("shared-memory" in r["describe"]) is (setting == "1")

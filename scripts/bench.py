@@ -20,7 +20,14 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
 * bytes per collective of one extra (untimed) step, recorded by a ``TorchDispatchMode``
   that sees every ``c10d``/functional/DeepSpeed collective op: the size of the full buffer
   each collective operates on (all-reduce: the tensor; all-gather: the gathered output;
-  reduce-scatter: the input), per rank.
+  reduce-scatter: the input), per rank. All-reduces that tp_trainer sends through its
+  shared-memory transport (gloo ranks on one host, ``tp_trainer/parallel/shm.py``) are not
+  ``c10d`` ops; they are read from the transport's own counters as ``all_reduce_shm``.
+
+Every runner trains with the optimizer a default ``Trainer`` builds (``optim="adamw_torch_fused"``:
+``torch.optim.AdamW(fused=True)``); DeepSpeed gets the same through ``torch_adam`` + ``fused``.
+transformers' native TP cannot step a fused or foreach AdamW on its mixed DTensor/tensor
+parameters, so it gets what works for it: ``optim="adamw_torch"`` (the per-tensor loop on CPU).
 
 The correctness gate: every layout's per-step loss (averaged over dp ranks, whose halves of
 the batch have equal token counts) must equal the single-process loss of the same steps
@@ -156,6 +163,10 @@ class _Run:
     def memory(self) -> dict:
         raise NotImplementedError
 
+    def comm_counters(self) -> dict:
+        """``{kind: (calls, bytes)}`` of collectives the dispatcher does not see (cumulative)."""
+        return {}
+
 
 class _OurRun(_Run):
     def __init__(self, model_dir, dtype, tp, zero, lr):
@@ -171,9 +182,15 @@ class _OurRun(_Run):
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), self.ctx)
         model.train()
         self.model = model
-        self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), self.ctx,
-                                    stage=zero)
+        self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True),
+                                    self.ctx, stage=zero)
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
+
+    def comm_counters(self) -> dict:
+        from tp_trainer.parallel.collectives import all_reduce_transport
+
+        shm = all_reduce_transport(self.ctx.tp_group)
+        return {} if shm is None else {"all_reduce_shm": (shm.calls, shm.bytes)}
 
     def forward_backward(self, ids):
         loss = self.model(input_ids=ids, labels=ids).loss
@@ -210,7 +227,11 @@ class _HFNativeTPRun(_Run):
                                                      distributed_config=DistributedConfig(tp_size=tp))
         model.train()
         self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        # The default Trainer optimizer (fused AdamW) and the foreach one both fail on this model's
+        # mix of DTensor and plain-tensor parameters ("aten._fused_adamw_.default / _foreach_lerp_
+        # got mixed torch.Tensor and DTensor"): a Trainer user of native TP must pick
+        # optim="adamw_torch", which on CPU is the per-tensor loop.
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=False)
 
     def forward_backward(self, ids):
         loss = self.model(input_ids=ids, labels=ids).loss
@@ -250,7 +271,8 @@ class _DeepSpeedAutoTPRun(_Run):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
                   "steps_per_print": 10**9, "gradient_clipping": 1.0,
-                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True,
+                                                            "fused": True}},
                   "zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": tp}}
         if dtype == torch.bfloat16:
             config["bf16"] = {"enabled": True}
@@ -334,8 +356,12 @@ def worker(args) -> None:
     # one untimed step for the byte counts and the live-tensor memory at the gradient peak
     counter = _CollectiveCounter()
     ids = _batch(cfg, cfg.warmup + cfg.steps, dp_rank, dp_size)
+    before = run.comm_counters()
     with counter.mode:
         run.forward_backward(ids)
+    for kind, (calls, nbytes) in run.comm_counters().items():
+        counter.calls[kind] = calls - before[kind][0]
+        counter.bytes[kind] = nbytes - before[kind][1]
     mem = run.memory()
     mem["rest"] = max(0, run.peak_rss - rss0 - sum(mem.values()))
     mem["peak_rss_delta"] = run.peak_rss - rss0
@@ -478,14 +504,16 @@ def ratios(rows: list[dict]) -> list[dict]:
                 out.append({"dtype": dtype, "what": f"tp2 / {peer}", "ratio": t / other["median_step_s"],
                             "target": target})
                 out.append({"dtype": dtype, "what": f"tp2 / {peer}, CPU time",
-                            "ratio": tp2["median_cpu_s"] / other["median_cpu_s"], "target": target})
+                            "ratio": tp2["median_cpu_s"] / other["median_cpu_s"], "target": None})
         single = by.get(("single", dtype))
         if single is not None:
             out.append({"dtype": dtype, "what": "tp2 / (single / 2)", "ratio": t / (single["median_step_s"] / 2),
                         "target": 1.25})
-            # the same on CPU seconds: the work a rank does, blind to time lost to other processes
+            # Diagnostic (no target; the issue's targets are step times): the same on CPU seconds, blind
+            # to time lost to other processes. Ours includes the shared-memory all-reduce's spin-wait
+            # for the peer rank, which gloo spends asleep.
             out.append({"dtype": dtype, "what": "tp2 / (single / 2), CPU time",
-                        "ratio": tp2["median_cpu_s"] / (single["median_cpu_s"] / 2), "target": 1.25})
+                        "ratio": tp2["median_cpu_s"] / (single["median_cpu_s"] / 2), "target": None})
     return out
 
 
@@ -554,6 +582,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     targets = ratios(rows)
     for t in targets:
+        if t["target"] is None:
+            print(f"{t['dtype']:<5} {t['what']:<36} {t['ratio']:.3f}  (diagnostic, no target)")
+            continue
         mark = "ok" if t["ratio"] <= t["target"] else "MISSED"
         print(f"{t['dtype']:<5} {t['what']:<36} {t['ratio']:.3f}  (target <= {t['target']})  {mark}")
     for f in failures:

@@ -64,6 +64,7 @@ class SharedMemoryAllReduce:
         self._flags = buf[:flag_bytes].view(torch.int64).numpy()[::_FLAG_STRIDE]
         self._data = buf[flag_bytes:].view(2, self.size, slot_bytes)
         self._seq = 0
+        self.calls, self.bytes = 0, 0  # all-reduces served and their tensor bytes (for benchmarks)
 
     def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce ``tensor`` (contiguous, CPU) in place over the group and return it."""
@@ -71,6 +72,8 @@ class SharedMemoryAllReduce:
             raise ValueError(f"shared-memory all-reduce supports SUM and MAX, not {op}")
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise ValueError("shared-memory all-reduce needs a contiguous CPU tensor")
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
         flat = tensor.view(-1)
         per_chunk = self.slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), per_chunk):

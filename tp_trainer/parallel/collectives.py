@@ -17,6 +17,7 @@ import weakref
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -37,12 +38,16 @@ def all_reduce_transport(group):
 
 
 def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In place: ``tensor = op over the ranks of group of tensor``; returns ``tensor`` (contiguous input)."""
-    transport = _transports.get(group)
-    if transport is not None:
-        return transport(tensor, op)
-    dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+    """In place: ``tensor = op over the ranks of group of tensor``; returns ``tensor`` (contiguous input).
+
+    Named ``tp_trainer::all_reduce`` in profiler traces (scripts/profile_step.py sums it).
+    """
+    with record_function("tp_trainer::all_reduce"):
+        transport = _transports.get(group)
+        if transport is not None:
+            return transport(tensor, op)
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
 
 
 def all_gather_flat(output, tensor, group) -> None:

@@ -36,7 +36,7 @@ def default_device_and_backend() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def _destroy_process_group_at_exit() -> None:
+def _destroy_process_group_at_exit(backend: str) -> None:
     """Let gloo's worker threads go idle, then tear the process groups down, before interpreter shutdown.
 
     A gloo worker thread destroys each finished collective itself, and dropping the work's
@@ -47,11 +47,10 @@ def _destroy_process_group_at_exit() -> None:
     cores, core dump: ``~AsyncAllgatherWork -> decref -> take_gil -> pthread_exit``). Releasing
     the GIL for a moment here lets those threads finish first.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_backend() == "gloo":
+    if backend == "gloo":  # also when the script destroyed the groups itself: their threads live on
         time.sleep(0.2)
-    dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_layout(world_size: int, tp_size: int) -> int:
@@ -125,7 +124,8 @@ class ParallelContext:
             dist.init_process_group(backend=backend, **kwargs)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        atexit.register(_destroy_process_group_at_exit)  # idempotent: a no-op once the group is gone
+        atexit.unregister(_destroy_process_group_at_exit)  # once per process, however many contexts
+        atexit.register(_destroy_process_group_at_exit, backend)
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))

@@ -1,0 +1,162 @@
+"""Where does a tp=2 step spend its time beyond the halved matmuls? Profile single vs tp=2, side by side.
+
+Usage::
+
+    python scripts/profile_step.py                      # bf16, the benchmark's model and batch
+    python scripts/profile_step.py --dtype fp32 --steps 5
+
+Trains the model of ``scripts/bench.py`` (same config flags, same initial weights, same
+optimizer: fused AdamW wrapped in ``ShardedOptimizer``) once in a single process and once as
+tp=2 under ``torchrun --monitor-interval 5`` with ``OMP_NUM_THREADS`` threads per rank, and
+profiles ``--steps`` steps after two warm-up steps with ``torch.profiler`` (CPU). Per step it
+reports, for the single process halved (a perfect tp=2 rank would do exactly half of its
+work) and for the slowest tp=2 rank:
+
+* phases (wall time): forward, backward, gradient sync + clipping, optimizer step (+ zero_grad);
+* kernels (CPU time): matmuls (``mm``/``addmm``/``bmm``), attention (SDPA), the TP all-reduces
+  (``tp_trainer::all_reduce``: the transport plus waiting for the peer rank), and the rest
+  (norms, residual adds, activations, rotary, loss, the optimizer kernels, Python).
+
+The last column, tp2 minus single/2, is the overhead to remove. Profiler instrumentation costs a
+few percent; step times are for comparison within the run, ``scripts/bench.py`` gives the
+unprofiled ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the model, batch and runner of the benchmark)
+
+PHASES = ("forward", "backward", "grad sync + clip", "optimizer step")
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _categories(prof, steps: int) -> dict:
+    """CPU milliseconds per step by kind, from the profiler's per-op averages."""
+    events = prof.key_averages()
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events}
+    total_ms = {e.key: e.cpu_time_total / 1e3 / steps for e in events}
+    out = {"matmul": sum(v for k, v in self_ms.items() if k in MATMUL),
+           "attention (SDPA)": sum(v for k, v in self_ms.items() if "scaled_dot_product" in k),
+           "TP all-reduce (incl. wait)": total_ms.get("tp_trainer::all_reduce", 0.0)}
+    return out
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cfg = bench.BenchConfig(**json.loads(args.config))
+    torch.set_num_threads(cfg.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    run = bench._instrument(bench._OurRun(args.model_dir, dtype, world, 0, cfg.lr))
+    warmup = 2
+    for step in range(warmup):
+        run.step(bench._batch(cfg, step, run.dp_rank, run.dp_size))
+    phases = {name: 0.0 for name in PHASES}
+    walls = []
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        with record_function(name):
+            out = fn()
+        phases[name] += (time.perf_counter() - t0) * 1e3 / cfg.steps
+        return out
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(warmup, warmup + cfg.steps):
+            ids = bench._batch(cfg, step, run.dp_rank, run.dp_size)
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            loss = timed("forward", lambda: run.model(input_ids=ids, labels=ids).loss)
+            timed("backward", loss.backward)
+            timed("grad sync + clip", lambda: (run.opt.finish_grad_sync(), run.opt.clip_grad_norm(1.0)))
+            timed("optimizer step", lambda: (run.opt.step(), run.opt.zero_grad()))
+            loss.item()
+            walls.append((time.perf_counter() - t0) * 1e3)
+    kernels = _categories(prof, cfg.steps)
+    record = {"phases": phases, "kernels": kernels, "step": sum(walls) / len(walls)}
+    records = [None] * world
+    if world > 1:
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.result, "w") as f:
+            json.dump(records, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, cfg, dtype: str, model_dir: str, workdir: str) -> list[dict]:
+    result = os.path.join(workdir, f"profile_{world}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--monitor-interval", "5",
+           "--master-port", str(bench._free_port()), os.path.abspath(__file__), "--worker", "--dtype", dtype,
+           "--model-dir", model_dir, "--result", result, "--config", json.dumps(asdict(cfg))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(result):
+        raise SystemExit(f"profile run on {world} rank(s) failed:\n{proc.stderr[-3000:]}")
+    with open(result) as f:
+        return json.load(f)
+
+
+def format_report(single: dict, tp2: list[dict], dtype: str) -> str:
+    slowest = max(tp2, key=lambda r: r["step"])
+    rows = [(name, single["phases"][name] / 2, slowest["phases"][name]) for name in PHASES]
+    rows.append(("step (wall)", single["step"] / 2, slowest["step"]))
+    kernel_rows = [(name, single["kernels"][name] / 2, slowest["kernels"][name]) for name in single["kernels"]]
+    rest_single = single["step"] - sum(single["kernels"].values())
+    rest_tp2 = slowest["step"] - sum(slowest["kernels"].values())
+    kernel_rows.append(("everything else", rest_single / 2, rest_tp2))
+    lines = [f"{dtype}: ms per step; single/2 = the ideal share of a tp=2 rank; tp2 = its slowest rank",
+             f"{'':<30}{'single/2':>10}{'tp2':>10}{'tp2 - single/2':>16}"]
+    for title, block in (("phases", rows), ("kernels", kernel_rows)):
+        lines.append(f"-- {title}")
+        lines += [f"{name:<30}{a:>10.1f}{b:>10.1f}{b - a:>+16.1f}" for name, a, b in block]
+    lines.append(f"tp2 step / (single step / 2) = {slowest['step'] / (single['step'] / 2):.3f} (profiled)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = bench.BenchConfig(steps=3)
+    for name, value in asdict(defaults).items():
+        if name != "warmup":
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    cfg = bench.BenchConfig(**{k: getattr(args, k) for k in asdict(defaults) if k != "warmup"})
+    with tempfile.TemporaryDirectory() as workdir:
+        model_dir = os.path.join(workdir, "model")
+        bench._write_model(cfg, model_dir)
+        single = _launch(1, cfg, args.dtype, model_dir, workdir)[0]
+        tp2 = _launch(2, cfg, args.dtype, model_dir, workdir)
+    print(format_report(single, tp2, args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

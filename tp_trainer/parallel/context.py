@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import all_reduce_transport, set_all_reduce_transport
+from .host import keep_freed_memory_in_heap
 from .shm import maybe_shared_memory_all_reduce
 
 
@@ -117,6 +118,8 @@ class ParallelContext:
         device, backend = default_device_and_backend()
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         dp_size = check_layout(world_size, tp_size)
+        if device.type == "cpu":
+            keep_freed_memory_in_heap()  # host.py: no page faults on re-allocated activations
         if world_size == 1:
             return cls(device=device, backend=backend)
         if not dist.is_initialized():

@@ -22,12 +22,17 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_valid, group):
         # logits: [N, V_local] float32, target: [N] (ignored positions already mapped to any id)
-        logits = logits.clone()
-        if vocab_valid < logits.shape[-1]:
-            logits[:, vocab_valid:] = float("-inf")
-        local_max = logits.max(dim=-1).values
+        # One pass writes the shifted copy (the caller's logits are left alone); padded vocab rows
+        # (vocab_valid < V_local on the last rank) become -inf, i.e. probability 0.
+        padded = vocab_valid < logits.shape[-1]
+        if vocab_valid > 0:
+            local_max = logits.narrow(-1, 0, vocab_valid).max(dim=-1).values
+        else:
+            local_max = logits.new_full(logits.shape[:-1], float("-inf"))
         all_reduce(local_max, group, op=dist.ReduceOp.MAX)
-        logits.sub_(local_max.unsqueeze(-1))
+        logits = logits - local_max.unsqueeze(-1)
+        if padded:
+            logits[:, vocab_valid:] = float("-inf")
         local_t = target - vocab_start
         owned = (local_t >= 0) & (local_t < vocab_valid)
         local_t = local_t.masked_fill(~owned, 0)
@@ -44,11 +49,12 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # d loss_i / d logit_ij = (softmax_ij - [j == t_i]) * g_i, written as softmax * g (one pass
+        # over [N, V_local]) minus g_i at each owned target
         softmax, local_t, owned = ctx.saved_tensors
-        grad = softmax.clone()
+        grad = softmax * grad_loss.unsqueeze(-1)
         rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_t] -= owned.to(grad.dtype)
-        grad.mul_(grad_loss.unsqueeze(-1))
+        grad[rows, local_t] -= owned.to(grad.dtype) * grad_loss
         return grad, None, None, None, None
 
 

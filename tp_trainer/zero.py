@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .parallel.collectives import all_gather_flat, reduce_scatter_flat
+from .parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import masked_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
 
@@ -245,8 +245,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.stage > 0 or self.dp_rank == 0:  # stage 0 holds identical grads on every dp rank
             for grad, mask in self._master_pieces():
                 total += masked_square_sum(grad, mask)
-        if self.context.world_group is not None and self.context.world_size > 1:
-            dist.all_reduce(total, group=self.context.world_group)
+        # world sum = sum over the TP group (its fast transport: shared memory on one CPU host),
+        # then over the dp group; every rank ends with the same total
+        if self.context.tp_group is not None:
+            all_reduce(total, self.context.tp_group)
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
         norm = total.sqrt()
         if math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

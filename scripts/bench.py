@@ -22,7 +22,8 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
   each collective operates on (all-reduce: the tensor; all-gather: the gathered output;
   reduce-scatter: the input), per rank. All-reduces that tp_trainer sends through its
   shared-memory transport (gloo ranks on one host, ``tp_trainer/parallel/shm.py``) are not
-  ``c10d`` ops; they are read from the transport's own counters as ``all_reduce_shm``.
+  ``c10d`` ops; they are read from the transport's own counters as ``all_reduce_shm`` and
+  ``all_gather_shm`` (the token-split norms' all-gathers, ``tp_trainer/parallel/norms.py``).
 
 Every runner trains with the optimizer a default ``Trainer`` builds (``optim="adamw_torch_fused"``:
 ``torch.optim.AdamW(fused=True)``); DeepSpeed gets the same through ``torch_adam`` + ``fused``.
@@ -190,7 +191,7 @@ class _OurRun(_Run):
         from tp_trainer.parallel.collectives import all_reduce_transport
 
         shm = all_reduce_transport(self.ctx.tp_group)
-        return {} if shm is None else {"all_reduce_shm": (shm.calls, shm.bytes)}
+        return {} if shm is None else {f"{kind}_shm": tuple(v) for kind, v in shm.stats.items()}
 
     def forward_backward(self, ids):
         loss = self.model(input_ids=ids, labels=ids).loss

@@ -104,6 +104,31 @@ def layer_suite():
     out["lm_head"] = {"loss": abs(loss.item() - loss_ref.item()), "dh": _diff(ht.grad, hd.grad),
                       "dW": _diff(gW, head.weight.grad), "eval_logits": _diff(full_logits, head(h)),
                       "eval_shape": tuple(full_logits.shape)}
+
+    # A per-token norm split over the tokens (norms.py) vs the same norm unsplit: 2 x 5 tokens
+    # split 5 + 5; 3 x 5 tokens are padded to 16 (8 + 8). The weight grad is TP-summed.
+    from tp_trainer.parallel.grads import sync_partial_tp_grads
+    from tp_trainer.parallel.norms import is_per_token_norm, split_norm_over_tokens
+
+    for tokens in ((2, 5), (3, 5)):
+        norm = nn.LayerNorm(8)
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        split = nn.LayerNorm(8)
+        split.load_state_dict(norm.state_dict())
+        assert is_per_token_norm(split)
+        split_norm_over_tokens(split, ctx.tp_group, ctx.tp_size)
+        xn = torch.randn(*tokens, 8)
+        upstream = torch.randn(*tokens, 8)
+        xd, xs = xn.clone().requires_grad_(True), xn.clone().requires_grad_(True)
+        yd, ys = norm(xd), split(xs)
+        (yd * upstream).sum().backward()
+        (ys * upstream).sum().backward()
+        sync_partial_tp_grads(split.parameters(), ctx.tp_group)
+        out[f"token_split_norm_{tokens[0]}x{tokens[1]}"] = {
+            "y": _diff(ys, yd), "dx": _diff(xs.grad, xd.grad), "dW": _diff(split.weight.grad, norm.weight.grad),
+            "db": _diff(split.bias.grad, norm.bias.grad)}
     return out
 
 
@@ -116,7 +141,8 @@ def results(request):
     return out
 
 
-@pytest.mark.parametrize("case", ["linear", "conv1d", "gather_output", "embedding"])
+@pytest.mark.parametrize("case", ["linear", "conv1d", "gather_output", "embedding", "token_split_norm_2x5",
+                                  "token_split_norm_3x5"])
 def test_layer_matches_dense(results, case):
     for rank_result in results:
         for quantity, diff in rank_result[case].items():

@@ -57,6 +57,10 @@ def shm_suite(slot_bytes: int):
                     if not torch.equal(got, expected):
                         out["gloo_mismatch"].append((str(dtype), str(op), numel))
                 out["checked"] += 1
+    # all-gather along dim 0, chunked (rows of 100 floats = 400 bytes > one 256-byte slot)
+    gathered = reducer.all_gather(torch.full((3, 100), float(rank)))
+    out["all_gather_ok"] = torch.equal(gathered, torch.arange(world, dtype=torch.float32).repeat_interleave(3)
+                                       .unsqueeze(1).expand(3 * world, 100))
     errors = []
     for bad in (lambda: reducer(torch.ones(4, 4).t()), lambda: reducer(torch.ones(4), dist.ReduceOp.PRODUCT)):
         try:
@@ -75,6 +79,7 @@ def test_shared_memory_all_reduce_is_exact(world):
         assert r["mismatch"] == [], f"rank {rank}: differs from the rank-order reference: {r['mismatch']}"
         assert r["gloo_mismatch"] == [], f"rank {rank}: differs from gloo's all-reduce: {r['gloo_mismatch']}"
         assert not r["file_left"], "the buffer file must be unlinked once every rank mapped it"
+        assert r["all_gather_ok"]
         assert "contiguous" in r["errors"][0] and "PRODUCT" in r["errors"][1]
 
 

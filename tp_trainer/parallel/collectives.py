@@ -25,7 +25,8 @@ _transports: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def set_all_reduce_transport(group, transport) -> None:
-    """Route :func:`all_reduce` on ``group`` through ``transport(tensor, op)`` (``None``: the backend)."""
+    """Route :func:`all_reduce` on ``group`` through ``transport(tensor, op)`` and :func:`all_gather_rows`
+    through ``transport.all_gather(tensor)`` (``None``: the backend)."""
     if transport is None:
         _transports.pop(group, None)
     else:
@@ -48,6 +49,18 @@ def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Te
             return transport(tensor, op)
         dist.all_reduce(tensor, op=op, group=group)
         return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """A new tensor ``cat([tensor of rank 0, rank 1, ...], dim=0)`` over ``group`` (equal shapes)."""
+    transport = _transports.get(group)
+    if transport is not None:
+        return transport.all_gather(tensor)
+    tensor = tensor.contiguous()
+    out = torch.empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    all_gather_flat(out, tensor, group)
+    return out
 
 
 def all_gather_flat(output, tensor, group) -> None:

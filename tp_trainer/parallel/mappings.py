@@ -10,7 +10,14 @@ copy_to_tp            identity          (``f``)   all-reduce(sum)
 reduce_from_tp        all-reduce(sum)   (``g``)   identity
 gather_from_tp        all-gather along dim -1     keep own chunk of dim -1
 scatter_to_tp         keep own chunk of dim -1    all-gather along dim -1
+gather_rows_from_tp   all-gather along dim 0      keep own chunk of dim 0
+split_rows_to_tp      keep own chunk of dim 0     all-gather along dim 0
 ====================  ==========================  ==========================
+
+The row pair splits the *tokens* of a replicated activation (``[N, H]``, N = batch x seq):
+``norms.py`` uses it to compute a per-token norm on ``N / tp`` tokens per rank. Its backward
+assumes what holds for every replicated activation in Megatron-style TP: the gradient arriving
+at the gathered output is identical on every rank.
 
 A column-parallel linear sits between ``f`` (its input) and either nothing (the output
 stays split over the last dim) or ``gather_from_tp``; a row-parallel linear consumes a
@@ -22,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather_flat, all_reduce
+from .collectives import all_gather_flat, all_gather_rows, all_reduce
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -50,6 +57,33 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     all_gather_flat(out, x, group)
     return out.view(size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
+
+
+def _split_rows(x: torch.Tensor, group) -> torch.Tensor:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return x.chunk(size, dim=0)[rank].contiguous()
+
+
+class _GatherRowsFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_rows(grad, ctx.group), None
+
+
+class _SplitRowsToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad.contiguous(), ctx.group), None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -115,3 +149,13 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's last-dim chunk forward; all-gather the gradient backward."""
     return x if group is None else _ScatterToTP.apply(x, group)
+
+
+def gather_rows_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the ranks' dim-0 chunks forward; keep this rank's chunk of the gradient backward."""
+    return x if group is None else _GatherRowsFromTP.apply(x, group)
+
+
+def split_rows_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's dim-0 chunk forward; all-gather the gradient backward."""
+    return x if group is None else _SplitRowsToTP.apply(x, group)

@@ -1,4 +1,4 @@
-"""All-reduce through shared memory for a process group whose ranks share one CPU host.
+"""All-reduce (and all-gather) through shared memory for a process group whose ranks share one CPU host.
 
 Why our own: on CPU, gloo moves every all-reduce through loopback TCP and its own I/O threads.
 A TP step issues one activation-sized all-reduce per row-parallel layer forward and per
@@ -43,8 +43,8 @@ _FLAG_STRIDE = 8  # int64 entries per flag: one 64-byte cache line each, no fals
 _SUPPORTED_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
 
 
-class SharedMemoryAllReduce:
-    """In-place SUM/MAX all-reduce of CPU tensors over ``group``, whose ranks share a host.
+class SharedMemoryTransport:
+    """SUM/MAX all-reduce (in place) and dim-0 all-gather of CPU tensors over ``group``, whose ranks share a host.
 
     Built by :func:`maybe_shared_memory_all_reduce` (collectively): rank 0 of the group creates
     the buffer file in ``/dev/shm``, every rank maps it, and rank 0 unlinks it once everyone
@@ -64,7 +64,8 @@ class SharedMemoryAllReduce:
         self._flags = buf[:flag_bytes].view(torch.int64).numpy()[::_FLAG_STRIDE]
         self._data = buf[flag_bytes:].view(2, self.size, slot_bytes)
         self._seq = 0
-        self.calls, self.bytes = 0, 0  # all-reduces served and their tensor bytes (for benchmarks)
+        # {"all_reduce" | "all_gather": [calls, bytes of the full tensor]} served (for benchmarks)
+        self.stats = {"all_reduce": [0, 0], "all_gather": [0, 0]}
 
     def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce ``tensor`` (contiguous, CPU) in place over the group and return it."""
@@ -72,21 +73,49 @@ class SharedMemoryAllReduce:
             raise ValueError(f"shared-memory all-reduce supports SUM and MAX, not {op}")
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise ValueError("shared-memory all-reduce needs a contiguous CPU tensor")
-        self.calls += 1
-        self.bytes += tensor.numel() * tensor.element_size()
+        self._count("all_reduce", tensor)
         flat = tensor.view(-1)
         per_chunk = self.slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), per_chunk):
             self._reduce_chunk(flat[start:start + per_chunk], op)
         return tensor
 
-    def _reduce_chunk(self, chunk: torch.Tensor, op) -> None:
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``cat([tensor of group rank 0, rank 1, ...], dim=0)`` (equal shapes on every rank), a new tensor.
+
+        Same protocol as the all-reduce, with a copy out instead of a combine: each rank
+        publishes its (chunk of the) tensor in its slot and copies every slot into its output.
+        """
+        if tensor.device.type != "cpu":
+            raise ValueError("shared-memory all-gather needs a CPU tensor")
+        flat = tensor.contiguous().view(-1)
+        out = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+        parts = out.view(self.size, -1)
+        self._count("all_gather", out)
+        per_chunk = self.slot_bytes // tensor.element_size()
+        for start in range(0, flat.numel(), per_chunk):
+            chunk = flat[start:start + per_chunk]
+            slots = self._publish(chunk)
+            parts[:, start:start + chunk.numel()].copy_(slots)
+        return out
+
+    def _count(self, kind: str, tensor: torch.Tensor) -> None:
+        self.stats[kind][0] += 1
+        self.stats[kind][1] += tensor.numel() * tensor.element_size()
+
+    def _publish(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Write ``chunk`` into this rank's slot of the next op and wait for every rank's; returns the
+        ``[n, numel]`` view of all slots (valid until this rank's op after next)."""
         self._seq += 1
         nbytes = chunk.numel() * chunk.element_size()
-        slots = self._data[self._seq % 2, :, :nbytes].view(chunk.dtype)  # [n, numel] views
+        slots = self._data[self._seq % 2, :, :nbytes].view(chunk.dtype)
         slots[self.rank].copy_(chunk)
         self._flags[self.rank] = self._seq
         self._wait_all(self._seq)
+        return slots
+
+    def _reduce_chunk(self, chunk: torch.Tensor, op) -> None:
+        slots = self._publish(chunk)
         combine = torch.add if op == dist.ReduceOp.SUM else torch.maximum
         combine(slots[0], slots[1], out=chunk)
         for j in range(2, self.size):
@@ -118,8 +147,8 @@ def _total_bytes(size: int, slot_bytes: int) -> int:
     return _flag_bytes(size) + 2 * size * slot_bytes
 
 
-def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 << 20) -> SharedMemoryAllReduce | None:
-    """A :class:`SharedMemoryAllReduce` for ``group`` when it is the faster transport, else ``None``.
+def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 << 20) -> SharedMemoryTransport | None:
+    """A :class:`SharedMemoryTransport` for ``group`` when it is the faster transport, else ``None``.
 
     Chosen when the backend is gloo (CPU tensors), the machine is x86-64,
     ``TP_TRAINER_SHM_ALLREDUCE`` is not ``0``, and every rank of the group sees the file rank 0
@@ -159,7 +188,7 @@ def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 <
     except OSError:
         visible = False
     dist.all_gather_object(votes, visible, group=group)
-    reducer = SharedMemoryAllReduce(group, path, slot_bytes=slot_bytes) if all(votes) else None
+    reducer = SharedMemoryTransport(group, path, slot_bytes=slot_bytes) if all(votes) else None
     dist.barrier(group=group)  # everyone has mapped the file (or given up)
     if rank == 0:
         os.unlink(path)  # mappings stay valid; no file outlives the processes

@@ -11,10 +11,12 @@ import copy
 import torch.nn as nn
 from transformers.utils import logging
 
+from ..parallel.collectives import all_reduce_transport
 from ..parallel.context import ParallelContext
 from ..parallel.cross_entropy import VocabParallelCausalLMLoss
 from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                sharded_parameter)
+from ..parallel.norms import is_per_token_norm, split_norm_over_tokens
 from ..parallel.sharding import block_spec, contiguous_spec
 from .plan import Plan, PlanEntry, Style
 
@@ -114,8 +116,25 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             mod.register_forward_pre_hook(HOOKS[hook](context, local_heads), with_kwargs=True)
     if lm_head is not None and hasattr(model, "loss_function"):
         model.loss_function = VocabParallelCausalLMLoss(lm_head)
+    if all_reduce_transport(group) is not None:  # cheap all-gathers: split the replicated norms' tokens
+        split = _token_split_norms(plan, modules)
+        for name in split:
+            split_norm_over_tokens(modules[name], group, context.tp_size)
+        logger.info(f"tp_trainer: {len(split)} replicated norms computed on 1/{context.tp_size} of the tokens per rank")
     model.tp_plan_applied = plan
     return model
+
+
+_LINEAR_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT}
+
+
+def _token_split_norms(plan: Plan, modules: dict) -> list[str]:
+    """Replicated per-token norms of the residual stream: not beside a sharded linear (a norm next to
+    q/k/v, e.g. OLMo-2's full-width q/k norms, sees per-head data, not the replicated stream)."""
+    parents_of_linears = {name.rpartition(".")[0] for name, e in plan.entries.items() if e.style in _LINEAR_STYLES}
+    return [name for name, e in plan.entries.items()
+            if e.style == Style.REPLICATED and name.rpartition(".")[0] not in parents_of_linears
+            and is_per_token_norm(modules[name])]
 
 
 def plan_local_heads(model: nn.Module, plan: Plan) -> int:

@@ -1,0 +1,74 @@
+"""Per-token norms of the replicated residual stream, computed on ``1/tp`` of the tokens per rank.
+
+Without sequence parallelism every TP rank normalises all ``N = batch x seq`` tokens of the
+replicated hidden states (decoder-layer norms and the final norm): work that does not shrink
+with ``tp``. A per-token norm (RMSNorm, LayerNorm: statistics over the last dim only) is
+row-independent, so rank ``r`` can normalise rows ``[r N/tp, (r+1) N/tp)`` and all-gather:
+
+    forward:  y = gather_rows(norm(split_rows(x)))           one all-gather of [N, H]
+    backward: dx = gather_rows(norm'(own rows of dy))         one all-gather of [N, H]
+              dw = sum over ranks of the partial weight grads (``tp_grad_sum``, summed with the
+                   other TP-partial gradients by ``grads.py``)
+
+The output and the gradient are those of the unsplit norm (the same per-row kernels; the weight
+gradient sums its rows in two partial sums). It trades one all-gather each way for half the
+norm work, so it is only worth it where an all-gather is cheap next to the norm: it is applied
+when the TP group has the shared-memory transport (gloo ranks on one host, ``shm.py``), not on
+NCCL, where Megatron-style sequence parallelism would be the way.
+
+The norm modules are not replaced, only hooked: parameter names, ``state_dict`` and saved
+checkpoints are unchanged. A token count that ``tp`` does not divide (a single token in
+``generate``, an odd batch x seq) is padded with zero rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mappings import gather_rows_from_tp, split_rows_to_tp
+
+
+def is_per_token_norm(module: nn.Module) -> bool:
+    """A norm whose statistics are over the last dim only: ``nn.LayerNorm`` over one dim, or an
+    ``*RMSNorm``/``*LayerNorm`` class whose parameters are 1-D (HF's RMSNorm variants)."""
+    if isinstance(module, nn.LayerNorm):
+        return len(module.normalized_shape) == 1
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or name.endswith("LayerNorm")):
+        return False
+    params = list(module.parameters(recurse=False))
+    return all(p.dim() == 1 for p in params) and not list(module.children())
+
+
+def split_norm_over_tokens(module: nn.Module, group, tp_size: int) -> None:
+    """Hook ``module`` (a per-token norm of a replicated activation) to run on ``1/tp`` of the tokens.
+
+    A token count that ``tp`` does not divide is padded with zero rows (a norm maps them to
+    finite values, their output is dropped, so they get zero gradient and add nothing to the
+    weight gradient): every call is split, and the weight gradient is always a partial sum.
+    """
+    pending: list[tuple[torch.Size, int]] = []
+
+    def split(mod, args):
+        x = args[0]
+        rows = x.reshape(-1, x.shape[-1])
+        pad = -rows.shape[0] % tp_size
+        if pad:
+            rows = F.pad(rows, (0, 0, 0, pad))
+        pending.append((x.shape, pad))
+        return (split_rows_to_tp(rows, group), *args[1:])
+
+    def gather(mod, args, output):
+        shape, pad = pending.pop()
+        full = gather_rows_from_tp(output, group)
+        if pad:
+            full = full[:full.shape[0] - pad]
+        return full.view(*shape[:-1], output.shape[-1])
+
+    for p in module.parameters(recurse=False):
+        p.tp_grad_sum = True
+    module.register_forward_pre_hook(split)
+    module.register_forward_hook(gather)
+    module.tp_token_split = True

@@ -14,7 +14,8 @@ work) and for the slowest tp=2 rank:
 
 * phases (wall time): forward, backward, gradient sync + clipping, optimizer step (+ zero_grad);
 * kernels (CPU time): matmuls (``mm``/``addmm``/``bmm``), attention (SDPA), the TP all-reduces
-  (``tp_trainer::all_reduce``: the transport plus waiting for the peer rank), and the rest
+  and all-gathers (``tp_trainer::all_reduce``/``all_gather``: the transport plus waiting for the
+  peer rank; the all-gathers are the token-split norms' of ``norms.py``), and the rest
   (norms, residual adds, activations, rotary, loss, the optimizer kernels, Python).
 
 The last column, tp2 minus single/2, is the overhead to remove. Profiler instrumentation costs a
@@ -47,7 +48,8 @@ def _categories(prof, steps: int) -> dict:
     total_ms = {e.key: e.cpu_time_total / 1e3 / steps for e in events}
     out = {"matmul": sum(v for k, v in self_ms.items() if k in MATMUL),
            "attention (SDPA)": sum(v for k, v in self_ms.items() if "scaled_dot_product" in k),
-           "TP all-reduce (incl. wait)": total_ms.get("tp_trainer::all_reduce", 0.0)}
+           "TP all-reduce (incl. wait)": total_ms.get("tp_trainer::all_reduce", 0.0),
+           "TP all-gather (incl. wait)": total_ms.get("tp_trainer::all_gather", 0.0)}
     return out
 
 

@@ -120,7 +120,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         split = _token_split_norms(plan, modules)
         for name in split:
             split_norm_over_tokens(modules[name], group, context.tp_size)
-        logger.info(f"tp_trainer: {len(split)} replicated norms computed on 1/{context.tp_size} of the tokens per rank")
+        logger.debug(f"{len(split)} replicated norms computed on 1/{context.tp_size} of the tokens per rank: {split}")
     model.tp_plan_applied = plan
     return model
 

@@ -28,7 +28,7 @@ def test_default_recipe_fields():
     assert r.model.model_name_or_path == "tiny-llama"
     assert (r.training.tp_size, r.training.zero_stage, r.job.nproc_per_node) == (2, 1, 2)
     assert r.data.train_file is None and r.data.max_length == 160
-    assert r.training.max_steps == 800 and r.training.learning_rate == pytest.approx(1e-3)
+    assert r.training.max_steps == 1600 and r.training.learning_rate == pytest.approx(1e-3)
 
 
 def test_command_line_overrides_yaml():

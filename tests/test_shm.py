@@ -97,3 +97,28 @@ def test_context_picks_shared_memory_on_one_host_unless_disabled(setting):
     for r in results:
         assert r["transport"] is (setting == "1")
         assert ("shared-memory" in r["describe"]) is (setting == "1")
+
+
+def full_shm_suite():
+    import errno
+
+    from tp_trainer.parallel import shm
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    shm.os.posix_fallocate = no_space  # this spawned rank only: /dev/shm is "full"
+    before = set(os.listdir("/dev/shm"))
+    reducer = shm.maybe_shared_memory_all_reduce(dist.group.WORLD, "gloo")
+    dist.barrier()
+    x = torch.full((3,), float(dist.get_rank() + 1))
+    dist.all_reduce(x)  # the backend still works
+    return {"reducer": reducer is None, "new_files": sorted(set(os.listdir("/dev/shm")) - before),
+            "sum": x.tolist()}
+
+
+def test_full_dev_shm_falls_back_to_the_backend_and_leaves_no_file():
+    for r in run_distributed(full_shm_suite, 2):
+        assert r["reducer"], "no shared-memory transport when its pages cannot be reserved"
+        assert not [f for f in r["new_files"] if f.startswith("tp_trainer_allreduce_")]
+        assert r["sum"] == [3.0, 3.0, 3.0]

@@ -171,12 +171,16 @@ def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 <
         path = os.path.join("/dev/shm", f"tp_trainer_allreduce_{token}")
         try:
             with open(path, "wb") as f:  # the token sits in the last bytes, away from the flags
-                f.truncate(_total_bytes(size, slot_bytes))
+                # reserve the pages now: a sparse file on a full /dev/shm (Docker's default is
+                # 64 MB) would map fine and then kill the process with SIGBUS on first touch
+                os.posix_fallocate(f.fileno(), 0, _total_bytes(size, slot_bytes))
                 f.seek(_total_bytes(size, slot_bytes) - len(token))
                 f.write(token.encode())
             offer[0] = (path, token, socket.gethostname())
         except OSError:  # /dev/shm full or read-only: stay on the backend
             offer[0] = None
+            if os.path.exists(path):
+                os.unlink(path)
     dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
     if offer[0] is None:
         return None

@@ -368,17 +368,7 @@ def worker(args) -> None:
     mem["peak_rss_delta"] = run.peak_rss - rss0
     record = {"losses": losses, "times": times[cfg.warmup:], "cpu_times": cpu[cfg.warmup:], "memory": mem,
               "comm_bytes": counter.bytes, "comm_calls": counter.calls, "dp_rank": dp_rank, "dp_size": dp_size}
-    records = [None] * world
-    if world > 1:
-        dist.all_gather_object(records, record)
-    else:
-        records = [record]
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(args.result, "w") as f:
-            json.dump(records, f)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    write_records(record, args.result)
 
 
 # ================================================================================ parent side
@@ -395,20 +385,45 @@ def _write_model(cfg: BenchConfig, path: str) -> None:
 
 def _launch(runner: str, dtype: str, world: int, cfg: BenchConfig, model_dir: str, workdir: str) -> list[dict]:
     result = os.path.join(workdir, f"{runner}_{dtype}.json")
+    return launch_workers(os.path.abspath(__file__), world, cfg.threads, result,
+                          ["--runner", runner, "--dtype", dtype, "--model-dir", model_dir,
+                           "--config", json.dumps(asdict(cfg))], what=f"{runner} {dtype}")
+
+
+def launch_workers(script: str, world: int, threads: int, result: str, args: list[str], *, what: str) -> list[dict]:
+    """``torchrun --monitor-interval 5`` of ``script --worker --result RESULT ARGS`` on ``world`` ranks with
+    ``threads`` OpenMP threads each; returns the records rank 0 wrote (see :func:`write_records`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--monitor-interval", "5",
-           "--master-port", str(_free_port()), os.path.abspath(__file__), "--worker", "--runner", runner,
-           "--dtype", dtype, "--model-dir", model_dir, "--result", result, "--config", json.dumps(asdict(cfg))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false",
+           "--master-port", str(_free_port()), script, "--worker", "--result", result, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(result):
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         errors = [ln for ln in lines if re.search(r"\w+(Error|Exception):", ln)]
         tail = "\n".join(lines[-25:])
-        raise RuntimeError(f"{runner} {dtype} failed (exit {proc.returncode}):\n{tail}\n"
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}\n"
                            + (errors[-1].strip() if errors else lines[-1] if lines else "no output"))
     with open(result) as f:
         return json.load(f)
+
+
+def write_records(record: dict, result: str) -> None:
+    """Worker side: gather every rank's ``record``; rank 0 writes the list (rank order) to ``result``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    records = [None] * world
+    if world > 1:
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(result, "w") as f:
+            json.dump(records, f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,30 +91,14 @@ def worker(args) -> None:
             walls.append((time.perf_counter() - t0) * 1e3)
     kernels = _categories(prof, cfg.steps)
     record = {"phases": phases, "kernels": kernels, "step": sum(walls) / len(walls)}
-    records = [None] * world
-    if world > 1:
-        dist.all_gather_object(records, record)
-    else:
-        records = [record]
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(args.result, "w") as f:
-            json.dump(records, f)
-    if world > 1:
-        dist.destroy_process_group()
+    bench.write_records(record, args.result)
 
 
 def _launch(world: int, cfg, dtype: str, model_dir: str, workdir: str) -> list[dict]:
     result = os.path.join(workdir, f"profile_{world}.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--monitor-interval", "5",
-           "--master-port", str(bench._free_port()), os.path.abspath(__file__), "--worker", "--dtype", dtype,
-           "--model-dir", model_dir, "--result", result, "--config", json.dumps(asdict(cfg))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.exists(result):
-        raise SystemExit(f"profile run on {world} rank(s) failed:\n{proc.stderr[-3000:]}")
-    with open(result) as f:
-        return json.load(f)
+    return bench.launch_workers(os.path.abspath(__file__), world, cfg.threads, result,
+                                ["--dtype", dtype, "--model-dir", model_dir, "--config", json.dumps(asdict(cfg))],
+                                what=f"profile run on {world} rank(s)")
 
 
 def format_report(single: dict, tp2: list[dict], dtype: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather_flat, all_gather_rows, all_reduce
+from .collectives import all_gather_rows, all_reduce
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -38,52 +38,48 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return all_reduce(x.contiguous(), group)
 
 
-def _split_last(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None:
-        return x
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk of ``x`` along ``dim`` (0 or -1)."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[-1] % size:
-        raise ValueError(f"last dim {x.shape[-1]} is not divisible by the TP size {size}")
-    return x.chunk(size, dim=-1)[rank].contiguous()
+    if x.shape[dim] % size:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the TP size {size}")
+    return x.chunk(size, dim=dim)[rank].contiguous()
 
 
-def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None:
-        return x
+def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenation of the ranks' ``x`` along ``dim`` (0 or -1): one dim-0 all-gather into a single
+    buffer (no list of tensors); for the last dim, moving the gathered dim to the end is one copy."""
+    out = all_gather_rows(x.contiguous(), group)
+    if dim == 0:
+        return out
     size = dist.get_world_size(group)
-    x = x.contiguous()
-    # all_gather_into_tensor stacks along dim 0 in a single buffer (one collective, no list of
-    # tensors); moving the gathered dim to the end afterwards is one copy.
-    out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_flat(out, x, group)
     return out.view(size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
 
 
-def _split_rows(x: torch.Tensor, group) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(size, dim=0)[rank].contiguous()
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: all-gather along ``dim``; backward: keep this rank's chunk of the gradient."""
 
-
-class _GatherRowsFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_rows(x, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_rows(grad, ctx.group), None
+        return _split(grad, ctx.group, ctx.dim), None, None
 
 
-class _SplitRowsToTP(torch.autograd.Function):
+class _SplitToTP(torch.autograd.Function):
+    """Forward: keep this rank's chunk along ``dim``; backward: all-gather the gradient."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_rows(x, group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_gather_rows(grad.contiguous(), ctx.group), None
+        return _gather(grad, ctx.group, ctx.dim), None, None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -109,28 +105,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """``f``: identity forward, all-reduce of the input gradient backward."""
     return x if group is None else _CopyToTP.apply(x, group)
@@ -143,19 +117,19 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate the ranks' last-dim chunks forward; keep this rank's chunk backward."""
-    return x if group is None else _GatherFromTP.apply(x, group)
+    return x if group is None else _GatherFromTP.apply(x, group, -1)
 
 
 def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's last-dim chunk forward; all-gather the gradient backward."""
-    return x if group is None else _ScatterToTP.apply(x, group)
+    return x if group is None else _SplitToTP.apply(x, group, -1)
 
 
 def gather_rows_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate the ranks' dim-0 chunks forward; keep this rank's chunk of the gradient backward."""
-    return x if group is None else _GatherRowsFromTP.apply(x, group)
+    return x if group is None else _GatherFromTP.apply(x, group, 0)
 
 
 def split_rows_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's dim-0 chunk forward; all-gather the gradient backward."""
-    return x if group is None else _SplitRowsToTP.apply(x, group)
+    return x if group is None else _SplitToTP.apply(x, group, 0)

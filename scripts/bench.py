@@ -408,6 +408,14 @@ def launch_workers(script: str, world: int, threads: int, result: str, args: lis
         return json.load(f)
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden worker-mode flags that :func:`launch_workers` passes (``--worker --result``) plus the
+    model directory and the JSON :class:`BenchConfig` every worker reads."""
+    for flag in ("--model-dir", "--result", "--config"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
 def write_records(record: dict, result: str) -> None:
     """Worker side: gather every rank's ``record``; rank 0 writes the list (rank order) to ``result``."""
     import torch.distributed as dist
@@ -544,13 +552,9 @@ def main(argv=None) -> int:
                         help="'auto' (those installed), 'none', or names: " + ", ".join(PEERS))
     parser.add_argument("--rounds", type=int, default=2, help="launches per runner, interleaved; times pooled")
     parser.add_argument("--out", default="bench.json")
-    # worker mode (internal: what torchrun runs)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)

@@ -125,10 +125,7 @@ def main(argv=None) -> int:
         if name != "warmup":
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--config", help=argparse.SUPPRESS)
+    bench.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)

@@ -400,7 +400,8 @@ def launch_workers(script: str, world: int, threads: int, result: str, args: lis
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(result):
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        errors = [ln for ln in lines if re.search(r"\w+(Error|Exception):", ln)]
+        # the worker's own exception, not torchrun's ChildFailedError that wraps it
+        errors = [ln for ln in lines if re.search(r"\w+(Error|Exception):", ln) and "ChildFailedError" not in ln]
         tail = "\n".join(lines[-25:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}\n"
                            + (errors[-1].strip() if errors else lines[-1] if lines else "no output"))

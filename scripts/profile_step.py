@@ -90,7 +90,8 @@ def worker(args) -> None:
             loss.item()
             walls.append((time.perf_counter() - t0) * 1e3)
     kernels = _categories(prof, cfg.steps)
-    record = {"phases": phases, "kernels": kernels, "step": sum(walls) / len(walls)}
+    ops = {e.key: [e.self_cpu_time_total / 1e3 / cfg.steps, e.count / cfg.steps] for e in prof.key_averages()}
+    record = {"phases": phases, "kernels": kernels, "ops": ops, "step": sum(walls) / len(walls)}
     bench.write_records(record, args.result)
 
 
@@ -99,6 +100,24 @@ def _launch(world: int, cfg, dtype: str, model_dir: str, workdir: str) -> list[d
     return bench.launch_workers(os.path.abspath(__file__), world, cfg.threads, result,
                                 ["--dtype", dtype, "--model-dir", model_dir, "--config", json.dumps(asdict(cfg))],
                                 what=f"profile run on {world} rank(s)")
+
+
+def format_ops(single: dict, tp2: list[dict], top: int) -> str:
+    """The ``top`` ops whose self CPU time per step exceeds single/2 the most on the slowest tp=2 rank,
+    with their call counts (a count that does not halve is per-op overhead that TP does not split)."""
+    slowest = max(tp2, key=lambda r: r["step"])
+    names = set(single["ops"]) | set(slowest["ops"])
+    rows = []
+    for name in names:
+        (a, na), (b, nb) = single["ops"].get(name, [0.0, 0]), slowest["ops"].get(name, [0.0, 0])
+        rows.append((b - a / 2, name, a / 2, b, na, nb))
+    rows.sort(reverse=True)
+    lines = [f"-- ops, self CPU ms per step (top {top} by tp2 - single/2)",
+             f"{'':<44}{'single/2':>10}{'tp2':>10}{'diff':>9}{'calls 1':>9}{'calls tp2':>10}"]
+    lines += [f"{name[:43]:<44}{a:>10.2f}{b:>10.2f}{d:>+9.2f}{na:>9.0f}{nb:>10.0f}" for d, name, a, b, na, nb in rows[:top]]
+    total_calls = (sum(c for _, c in single["ops"].values()), sum(c for _, c in slowest["ops"].values()))
+    lines.append(f"op calls per step: single {total_calls[0]:.0f}, tp2 {total_calls[1]:.0f}")
+    return "\n".join(lines)
 
 
 def format_report(single: dict, tp2: list[dict], dtype: str) -> str:
@@ -125,6 +144,7 @@ def main(argv=None) -> int:
         if name != "warmup":
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--top", type=int, default=0, help="also list the N ops that exceed single/2 the most")
     bench.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
@@ -137,6 +157,8 @@ def main(argv=None) -> int:
         single = _launch(1, cfg, args.dtype, model_dir, workdir)[0]
         tp2 = _launch(2, cfg, args.dtype, model_dir, workdir)
     print(format_report(single, tp2, args.dtype))
+    if args.top:
+        print(format_ops(single, tp2, args.top))
     return 0
 
 

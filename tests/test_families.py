@@ -28,10 +28,10 @@ NORM_RTOL = 1e-4
 STEPS = 5
 
 
-def train_steps(family, tp, user_plan=None):
+def train_steps(family, tp, user_plan=None, split_norms=None):
     ctx = ParallelContext.from_environment(tp)
     model = tiny_model(family)
-    apply_tensor_parallel(model, plan_tensor_parallel(model, tp, user_plan=user_plan), ctx)
+    apply_tensor_parallel(model, plan_tensor_parallel(model, tp, user_plan=user_plan), ctx, split_norms=split_norms)
     opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), ctx, stage=0)
     batches = torch.randint(0, 96, (STEPS, 4, 16), generator=torch.Generator().manual_seed(1))
     losses, norms, grads = [], [], None
@@ -57,13 +57,29 @@ TP4_CASES = {"llama": ("llama", None),    # 2 kv heads on 4 ranks: each kv head 
              "gpt2": ("gpt2", None)}      # fused c_attn split in quarters
 
 
-def tp_suite(tp, cases):
-    return {name: train_steps(family, tp, plan) for name, (family, plan) in cases.items()}
+def tp_suite(tp, cases, split_norms=None):
+    out = {name: train_steps(family, tp, plan, split_norms) for name, (family, plan) in cases.items()}
+    out["split_policy"] = _split_policy(tp)
+    return out
+
+
+def _split_policy(tp):
+    """How many replicated norms apply_tensor_parallel splits over tokens by default (on the
+    shared-memory transport): only 16-bit ones (planner/apply.py, _worth_splitting)."""
+    ctx = ParallelContext.from_environment(tp)
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model("llama").to(dtype)
+        apply_tensor_parallel(model, plan_tensor_parallel(model, tp), ctx)
+        counts[str(dtype)] = sum(1 for m in model.modules() if getattr(m, "tp_token_split", False))
+    return counts
 
 
 @pytest.fixture(scope="module")
 def tp2():
-    return run_distributed(tp_suite, 2, 2, TP2_CASES)
+    # norms split over tokens (norms.py) in every family, although these fp32 models would not be
+    # split by default: tp4 below covers the default
+    return run_distributed(tp_suite, 2, 2, TP2_CASES, True)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +130,9 @@ def test_training_actually_moves_the_weights(tp2):
     # guards against a comparison that passes because nothing happens: losses change step to step
     losses = tp2[0]["llama"]["losses"]
     assert len(set(round(l, 4) for l in losses)) == STEPS
+
+
+def test_norms_are_split_over_tokens_only_in_16_bit(tp2, tp4):
+    layers = tiny_model("llama").config.num_hidden_layers
+    for rank in tp2 + tp4:
+        assert rank["split_policy"] == {"torch.float32": 0, "torch.bfloat16": 2 * layers + 1}

@@ -69,8 +69,11 @@ class TPTrainer(Trainer):
         ctx, args = self.tp_context, self.args
         local = sum(p.numel() for p in self.model.parameters())
         gbs = args.per_device_train_batch_size * ctx.dp_size * args.gradient_accumulation_steps
-        split = sum(1 for m in self.model.modules() if getattr(m, "tp_token_split", False))
-        split = f"; {split} replicated norms split over tokens" if split else ""
+        modules = list(self.model.modules())
+        fused = sum(1 for m in modules if hasattr(m, "tp_rms_eps"))
+        split = sum(1 for m in modules if getattr(m, "tp_token_split", False))
+        split = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
+            f"; {split} replicated norms split over tokens" if split else "")
         return (f"{ctx.describe()}\n"
                 f"  plan: {self.tp_plan.summary()}{split}\n"
                 f"  zero_stage={args.zero_stage}; global batch = {args.per_device_train_batch_size} per device x "

@@ -6,7 +6,6 @@ is the identity. The forward/backward pairs are the conjugates of Shoeybi et al.
 ====================  ==========================  ==========================
 function              forward                     backward
 ====================  ==========================  ==========================
-copy_to_tp            identity          (``f``)   all-reduce(sum)
 reduce_from_tp        all-reduce(sum)   (``g``)   identity
 gather_from_tp        all-gather along dim -1     keep own chunk of dim -1
 scatter_to_tp         keep own chunk of dim -1    all-gather along dim -1
@@ -19,9 +18,11 @@ The row pair splits the *tokens* of a replicated activation (``[N, H]``, N = bat
 assumes what holds for every replicated activation in Megatron-style TP: the gradient arriving
 at the gathered output is identical on every rank.
 
-A column-parallel linear sits between ``f`` (its input) and either nothing (the output
-stays split over the last dim) or ``gather_from_tp``; a row-parallel linear consumes a
-split input and ends with ``g``.
+Megatron's ``f`` (identity forward, all-reduce of the input gradient backward) is folded
+into the column-parallel linear itself (``layers._ColumnLinear``), which shares one
+all-reduce among the layers reading the same input and overlaps it with the weight-gradient
+matmul. A column-parallel linear's output stays split over the last dim or goes through
+``gather_from_tp``; a row-parallel linear consumes a split input and ends with ``g``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather_rows, all_reduce
+from .collectives import all_gather_rows, all_reduced_copy
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``x`` over ``group`` as a new tensor (``x``, an autograd input or gradient, is untouched)."""
     if group is None:
         return x
-    return all_reduce(x.contiguous(), group)
+    return all_reduced_copy(x, group)
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -82,32 +84,14 @@ class _SplitToTP(torch.autograd.Function):
         return _gather(grad, ctx.group, ctx.dim), None, None
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        # a detached alias rather than ``x`` itself (which autograd would turn into a view of
-        # ``x``): layers.ColumnParallelLinear memoises this output on ``x`` without a cycle
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
-
-
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return _all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """``f``: identity forward, all-reduce of the input gradient backward."""
-    return x if group is None else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:

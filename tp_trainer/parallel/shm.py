@@ -68,18 +68,21 @@ class SharedMemoryTransport:
         # {"all_reduce" | "all_gather": [calls, bytes of the full tensor]} served (for benchmarks)
         self.stats = {"all_reduce": [0, 0], "all_gather": [0, 0]}
 
-    def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """Reduce ``tensor`` (contiguous, CPU) in place over the group and return it."""
+    def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce ``tensor`` (contiguous, CPU) over the group into ``out`` (default: ``tensor``, in place)
+        and return it. Out of place costs nothing extra: the combine reads the slots, not ``tensor``,
+        so a caller that must keep its input (an autograd gradient) needs no ``clone()``."""
         if op not in _SUPPORTED_OPS:
             raise ValueError(f"shared-memory all-reduce supports SUM and MAX, not {op}")
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise ValueError("shared-memory all-reduce needs a contiguous CPU tensor")
+        out = tensor if out is None else out
         self._count("all_reduce", tensor)
-        flat = tensor.view(-1)
+        flat, flat_out = tensor.view(-1), out.view(-1)
         per_chunk = self.slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), per_chunk):
-            self._reduce_chunk(flat[start:start + per_chunk], op)
-        return tensor
+            self._reduce_chunk(flat[start:start + per_chunk], op, flat_out[start:start + per_chunk])
+        return out
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``cat([tensor of group rank 0, rank 1, ...], dim=0)`` (equal shapes on every rank), a new tensor.
@@ -115,12 +118,8 @@ class SharedMemoryTransport:
         self._wait_all(self._seq)
         return slots
 
-    def _reduce_chunk(self, chunk: torch.Tensor, op) -> None:
-        slots = self._publish(chunk)
-        combine = torch.add if op == dist.ReduceOp.SUM else torch.maximum
-        combine(slots[0], slots[1], out=chunk)
-        for j in range(2, self.size):
-            combine(chunk, slots[j], out=chunk)
+    def _reduce_chunk(self, chunk: torch.Tensor, op, out: torch.Tensor) -> None:
+        _combine(self._publish(chunk), op, out)
 
     def _wait_all(self, seq: int) -> None:
         flags = self._flags
@@ -138,6 +137,14 @@ class SharedMemoryTransport:
                         f"shared-memory all-reduce op {seq}: group ranks {late} did not arrive within "
                         f"{self.timeout_s:.0f} s (a peer died or the ranks issued different collectives). "
                         f"Set TP_TRAINER_SHM_ALLREDUCE=0 to use the process group's backend instead.")
+
+
+def _combine(slots: torch.Tensor, op, out: torch.Tensor) -> None:
+    """``out = slots[0] (+) slots[1] (+) ...`` in rank order (bit-identical on every rank)."""
+    combine = torch.add if op == dist.ReduceOp.SUM else torch.maximum
+    combine(slots[0], slots[1], out=out)
+    for j in range(2, slots.shape[0]):
+        combine(out, slots[j], out=out)
 
 
 def _flag_bytes(size: int) -> int:

@@ -402,6 +402,8 @@ def launch_workers(script: str, world: int, threads: int, result: str, args: lis
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         # the worker's own exception, not torchrun's ChildFailedError that wraps it
         errors = [ln for ln in lines if re.search(r"\w+(Error|Exception):", ln) and "ChildFailedError" not in ln]
+        # no exception text (a rank killed by a signal): torchrun's "exitcode : -6 (pid: ...)" line
+        errors = errors or [ln for ln in lines if re.search(r"exitcode\s*:|Signal \d+", ln)]
         tail = "\n".join(lines[-25:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}\n"
                            + (errors[-1].strip() if errors else lines[-1] if lines else "no output"))

@@ -78,7 +78,8 @@ class _BackendPending:
         self._out, self._work = out, work
 
     def wait(self) -> torch.Tensor:
-        self._work.wait()
+        with record_function("tp_trainer::all_reduce"):
+            self._work.wait()
         return self._out
 
 
@@ -88,15 +89,6 @@ class _Done:
 
     def wait(self) -> torch.Tensor:
         return self._out
-
-
-class _TimedPending:
-    def __init__(self, pending):
-        self._pending = pending
-
-    def wait(self) -> torch.Tensor:
-        with record_function("tp_trainer::all_reduce"):
-            return self._pending.wait()
 
 
 def start_all_reduced_copy(tensor: torch.Tensor, group):
@@ -113,9 +105,9 @@ def start_all_reduced_copy(tensor: torch.Tensor, group):
             # no transfer to hide, and a matmul between a publish and its combine evicts the
             # slots from cache: a split-phase version measured 8 ms slower per fp32 benchmark step
             # (in-process A/B, alternating steps). So it reduces at once.
-            return _Done(transport(tensor.contiguous(), dist.ReduceOp.SUM, out=torch.empty_like(tensor)))
+            return _Done(all_reduced_copy(tensor, group))
         out = tensor.contiguous().clone()
-        return _TimedPending(_BackendPending(out, dist.all_reduce(out, group=group, async_op=True)))
+        return _BackendPending(out, dist.all_reduce(out, group=group, async_op=True))
 
 
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:

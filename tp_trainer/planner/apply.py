@@ -127,10 +127,10 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     fused = [name for name in replicated_norms if fuse_rms_norm(modules[name])]
     logger.debug(f"{len(fused)} replicated RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
     if all_reduce_transport(group) is not None:  # cheap all-gathers: split the replicated norms' tokens
-        split = replicated_norms
         if split_norms is None:
-            split_norms = _worth_splitting([modules[name] for name in split], model)
-        for name in split if split_norms else ():
+            split_norms = _worth_splitting([modules[name] for name in replicated_norms], model)
+        split = replicated_norms if split_norms else []
+        for name in split:
             split_norm_over_tokens(modules[name], group, context.tp_size)
         logger.debug(f"{len(split)} replicated norms computed on 1/{context.tp_size} of the tokens per rank: {split}")
     model.tp_plan_applied = plan

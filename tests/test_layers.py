@@ -113,6 +113,56 @@ def _shared_input_cases(ctx):
     return out
 
 
+def _cross_entropy_cases(ctx):
+    """vocab_parallel_cross_entropy on hand-split logits vs F.cross_entropy on the full ones."""
+    out = {}
+    torch.manual_seed(3)
+    target = torch.tensor([0, 2, 1, -100, 2, 1])
+
+    def split_loss(z, width, dtype=torch.float32):
+        # rank r holds columns [r * width, (r + 1) * width), zero-padded past the vocabulary
+        padded = F.pad(z, (0, 2 * width - z.shape[-1]))
+        local = padded[:, ctx.tp_rank * width:(ctx.tp_rank + 1) * width].to(dtype).clone().requires_grad_(True)
+        valid = max(0, min(width, z.shape[-1] - ctx.tp_rank * width))
+        loss = vocab_parallel_cross_entropy(local, target, vocab_start=ctx.tp_rank * width, vocab_valid=valid,
+                                            group=ctx.tp_group)
+        loss.backward()
+        return loss, local
+
+    def reference(z, width):
+        zd = z.clone().requires_grad_(True)
+        loss = F.cross_entropy(zd, target)
+        loss.backward()
+        grad = F.pad(zd.grad, (0, 2 * width - z.shape[-1]))[:, ctx.tp_rank * width:(ctx.tp_rank + 1) * width]
+        return loss, grad
+
+    # vocab 3 as 2 + 2 columns, and as 4 + 4 (rank 1's slice is all padding: no probability mass)
+    # with logits spread over +-60 (exp would overflow fp32 without the max shift)
+    z = torch.randn(6, 3) * 30
+    for width, case in ((2, "ce_padded_column"), (4, "ce_rank_without_vocab")):
+        loss_ref, grad_ref = reference(z, width)
+        loss, local = split_loss(z, width)
+        out[case] = {"loss": abs(loss.item() - loss_ref.item()), "dz": _diff(local.grad, grad_ref)}
+    # bf16 logits: the math runs in fp32 on the same (bf16-rounded) values; the gradient comes back
+    # in bf16, so it carries bf16 rounding (relative 2**-8) of values below 1
+    zb = torch.randn(6, 3).bfloat16().float()
+    loss_ref, grad_ref = reference(zb, 2)
+    loss, local = split_loss(zb, 2, torch.bfloat16)
+    out["ce_bf16_logits"] = {"loss": abs(loss.item() - loss_ref.item()), "dz": _diff(local.grad.float(), grad_ref),
+                             "dtype": str(local.grad.dtype)}
+    # the saved softmax becomes the gradient in place: a second backward must refuse, not go wrong
+    local = z[:, :2].clone().requires_grad_(True) if ctx.tp_rank == 0 else F.pad(z[:, 2:], (0, 1)).requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(local, target, vocab_start=2 * ctx.tp_rank, vocab_valid=2 - ctx.tp_rank,
+                                        group=ctx.tp_group)
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+        out["ce_second_backward_error"] = ""
+    except RuntimeError as err:
+        out["ce_second_backward_error"] = str(err)
+    return out
+
+
 def layer_suite():
     ctx = ParallelContext.from_environment(2)
     transport = "shared_memory" if all_reduce_transport(ctx.tp_group) is not None else "gloo"
@@ -161,6 +211,7 @@ def layer_suite():
                       "eval_shape": tuple(full_logits.shape)}
 
     out.update(_shared_input_cases(ctx))
+    out.update(_cross_entropy_cases(ctx))
 
     # A per-token norm split over the tokens (norms.py) vs the same norm unsplit: 2 x 5 tokens
     # split 5 + 5; 3 x 5 tokens are padded to 16 (8 + 8). The weight grad is TP-summed.
@@ -214,6 +265,25 @@ def test_lm_head_and_vocab_parallel_cross_entropy(results):
         assert lm.pop("eval_shape") == (10, 7)  # eval mode gathers full logits, padding dropped
         for quantity, diff in lm.items():
             assert diff < ATOL, f"lm_head.{quantity}: {diff}"
+
+
+@pytest.mark.parametrize("case", ["ce_padded_column", "ce_rank_without_vocab", "ce_bf16_logits"])
+def test_vocab_parallel_cross_entropy_matches_dense(results, case):
+    # fp32 cases: ATOL (summation order only). bf16: the loss is computed in fp32 from the same
+    # bf16 values (ATOL); the gradient is rounded to bf16 on return (< 2**-8 relative of values
+    # below 1, i.e. < 4e-3; a missing rank's share would move it by ~0.3)
+    for r in results:
+        res = dict(r[case])
+        if case == "ce_bf16_logits":
+            assert res.pop("dtype") == "torch.bfloat16"
+            assert res.pop("dz") < 4e-3
+        for quantity, diff in res.items():
+            assert diff < ATOL, f"{case}.{quantity}: {diff}"
+
+
+def test_vocab_parallel_cross_entropy_refuses_a_second_backward(results):
+    for r in results:
+        assert "backward ran twice" in r["ce_second_backward_error"], r["ce_second_backward_error"]
 
 
 def test_unused_column_output_without_other_reader_fails_loudly(results):

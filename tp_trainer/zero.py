@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
 from .parallel.context import ParallelContext
-from .parallel.grads import masked_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
+from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad,
                           torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
@@ -241,10 +241,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         self.finish_grad_sync()
         device = self.context.device
-        total = torch.zeros((), dtype=torch.float32, device=device)
         if self.stage > 0 or self.dp_rank == 0:  # stage 0 holds identical grads on every dp rank
-            for grad, mask in self._master_pieces():
-                total += masked_square_sum(grad, mask)
+            total = counted_square_sum(self._master_pieces(), device)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=device)
         # world sum = sum over the TP group (its fast transport: shared memory on one CPU host),
         # then over the dp group; every rank ends with the same total
         if self.context.tp_group is not None:
@@ -254,8 +254,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         norm = total.sqrt()
         if math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for grad, _ in self._master_pieces():
-                grad.mul_(coef.to(grad.dtype))
+            grads = [grad for grad, _ in self._master_pieces()]
+            for dtype in {g.dtype for g in grads}:  # one multi-tensor call per dtype
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
         return norm
 
     @torch.no_grad()

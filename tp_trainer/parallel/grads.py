@@ -12,7 +12,7 @@ After a backward pass under Megatron's f/g operators:
 :func:`norm_count_mask` selects the elements each rank counts in the global norm so that every
 distinct gradient element is counted exactly once across the TP group (a shard on its owner,
 a replicated element on TP rank 0, a shared KV row on its lowest holder); summing
-:func:`masked_square_sum` over the world gives the squared norm of the unsharded gradient.
+:func:`counted_square_sum` over the world gives the squared norm of the unsharded gradient.
 """
 
 from __future__ import annotations
@@ -69,10 +69,24 @@ def norm_count_mask(param: torch.Tensor, tp_rank: int):
     return mask
 
 
-def masked_square_sum(grad: torch.Tensor, mask) -> torch.Tensor:
-    """``sum(grad^2)`` over the elements selected by a :func:`norm_count_mask` value (fp32)."""
-    if mask is True:
-        return grad.float().pow(2).sum()
-    if mask is False:
-        return torch.zeros((), dtype=torch.float32, device=grad.device)
-    return grad.float().pow(2).masked_select(mask).sum()
+def counted_square_sum(pieces, device) -> torch.Tensor:
+    """``sum(grad^2)`` in fp32 over the elements of ``(grad, mask)`` pieces selected by their
+    :func:`norm_count_mask` value.
+
+    Whole fp32 gradients (almost all of them) go through ``torch._foreach_norm``, what
+    ``torch.nn.utils.clip_grad_norm_`` uses: one read pass per tensor and no temporary, where
+    ``grad.pow(2).sum()`` writes and re-reads a gradient-sized temporary (the fp32 benchmark
+    step's norm went from 6.5 to ~3 ms per tp=2 rank). Each norm is squared back; the relative
+    error that adds is ~1e-7.
+    """
+    whole, total = [], torch.zeros((), dtype=torch.float32, device=device)
+    for grad, mask in pieces:
+        if mask is True and grad.dtype == torch.float32:
+            whole.append(grad)
+        elif mask is True:
+            total += grad.float().square().sum()
+        elif mask is not False:
+            total += grad.float().masked_select(mask).square().sum()
+    if whole:
+        total += torch.stack(torch._foreach_norm(whole)).square().sum()
+    return total

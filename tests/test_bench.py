@@ -61,14 +61,16 @@ def test_short_real_run_passes_the_gate(bench, tmp_path):
     # tp=2 collectives of one forward + backward, each counted once: 2 per layer forward (attention
     # and MLP outputs, row-parallel) + the vocab-parallel embedding, 2 per layer backward (the
     # shared q/k/v and gate/up input gradients) + the LM head's input gradient, all [B, S, H]
-    # fp32, plus the vocab-parallel loss's max and (sum-exp, target-logit) over the B*S tokens.
+    # fp32 all-reduces; and the vocab-parallel loss's one all-gather of (local log-sum-exp,
+    # target logit) over the B*S tokens from each of the 2 ranks (counted as the gathered output).
     # The fp32 norms stay replicated (only 16-bit ones are split over tokens, planner/apply.py),
-    # so the shared-memory transport serves exactly these all-reduces and no all-gather.
+    # so there is no other all-gather.
     layers, tokens, hidden = 2, 2 * 16, 64
-    activations = (4 * layers + 2) * tokens * hidden * 4 + 3 * tokens * 4
+    activations = (4 * layers + 2) * tokens * hidden * 4
+    loss_gather = 2 * 2 * tokens * 4
     comm = rows["tp2"]["comm_bytes_per_rank"]
     if "all_reduce_shm" in comm:
-        assert comm == {"all_reduce_shm": activations, "all_gather_shm": 0}, comm
+        assert comm == {"all_reduce_shm": activations, "all_gather_shm": loss_gather}, comm
     else:
-        assert comm == {"all_reduce": activations}, comm
+        assert comm == {"all_reduce": activations, "all_gather": loss_gather}, comm
     assert rows["single"]["comm_bytes_per_rank"] == {}

@@ -61,10 +61,20 @@ class _InputGradSum:
     def __init__(self, group):
         self.group, self.consumers, self.seen, self.partial = group, 0, 0, None
 
-    def add(self, dgrad: torch.Tensor) -> torch.Tensor | None:
-        """This consumer's partial input gradient; returns the full sum if it was the last one."""
+    def add_product(self, dy: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Adds this consumer's partial input gradient ``dy @ w`` (cast to ``x``'s ``dtype``); returns
+        the full local sum if it was the last consumer.
+
+        After the first consumer the product accumulates into the running sum inside the matmul
+        (``addmm_``, beta 1): no product-sized temporary and no separate add pass over it.
+        """
         self.seen += 1
-        total = dgrad if self.partial is None else self.partial.add_(dgrad)
+        if self.partial is not None and self.partial.dtype == dy.dtype == w.dtype:
+            total = self.partial
+            total.view(-1, total.shape[-1]).addmm_(dy.reshape(-1, dy.shape[-1]), w)
+        else:  # first consumer, or autocast (products in the autocast dtype, the sum in x's dtype)
+            dx = (dy @ w).to(dtype)
+            total = dx if self.partial is None else self.partial.add_(dx)
         if self.seen < self.consumers:
             self.partial = total
             return None
@@ -139,8 +149,7 @@ class _ColumnLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         pending = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ w.t() if ctx.transposed else dy @ w).to(ctx.x_dtype)
-            total = ctx.grad_sum.add(dx)
+            total = ctx.grad_sum.add_product(dy, w.t() if ctx.transposed else w, ctx.x_dtype)
             if total is not None:
                 pending = start_all_reduced_copy(total, ctx.grad_sum.group)
         dw = db = None

@@ -257,7 +257,8 @@ class VocabParallelEmbedding(nn.Module):
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local_ids, self.weight, self.local_padding_idx)
-            out = reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.tp_group)
+            # in place: the lookup's backward needs only the ids, not its output
+            out = reduce_from_tp(out.masked_fill_(outside.unsqueeze(-1), 0.0), self.tp_group)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype) if torch.is_tensor(self.embed_scale) else out * self.embed_scale
         return out

@@ -460,15 +460,20 @@ def summarize(runner: str, dtype: str, launches: list[list[dict]], cfg: BenchCon
     """Fold the per-rank records of every launch (round) of one runner into one row; run the loss gate."""
     records = launches[0]
     losses = _dp_mean_losses(records)
-    step_times, cpu_times = [], []
+    step_times, cpu_times, round_step, round_cpu = [], [], [], []
     for recs in launches:  # a step's time is its slowest rank's
-        step_times += [max(r["times"][i] for r in recs) for i in range(len(recs[0]["times"]))]
-        cpu_times += [max(r["cpu_times"][i] for r in recs) for i in range(len(recs[0]["cpu_times"]))]
+        steps = [max(r["times"][i] for r in recs) for i in range(len(recs[0]["times"]))]
+        cpus = [max(r["cpu_times"][i] for r in recs) for i in range(len(recs[0]["cpu_times"]))]
+        step_times += steps
+        cpu_times += cpus
+        round_step.append(statistics.median(steps))
+        round_cpu.append(statistics.median(cpus))
     median = statistics.median(step_times)
     worst_mem = max(records, key=lambda r: sum(v for k, v in r["memory"].items() if k != "peak_rss_delta"))
     comm = {kind: max(r["comm_bytes"].get(kind, 0) for r in records) for kind in records[0]["comm_bytes"]}
     row = {"runner": runner, "dtype": dtype, "world": len(records), "losses": losses, "step_times": step_times,
            "median_step_s": median, "median_cpu_s": statistics.median(cpu_times),
+           "round_step_s": round_step, "round_cpu_s": round_cpu,
            "tokens_per_s": cfg.batch * cfg.seq / median,
            "memory_per_rank": worst_mem["memory"], "comm_bytes_per_rank": comm,
            "comm_calls_per_rank": records[0]["comm_calls"]}
@@ -516,32 +521,60 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _paired(ours: dict, other: dict, key: str, scale: float = 1.0) -> dict:
+    """Our time over the other runner's, per round (the two launched minutes apart), and their median.
+
+    Why per round: the machine's speed drifts by several percent over a run (a shared VM), more
+    than the steps of one launch vary. Pooling every round's steps before dividing lets a slow
+    spell during one runner's launch and a fast one during the other's move the ratio; a ratio of
+    two launches made back to back (``_run_order``) sees the same machine; with three or more
+    rounds the median also drops a round whose pair straddled a change.
+    """
+    per_round = [a / (b * scale) for a, b in zip(ours[key], other[key])]
+    return {"ratio": statistics.median(per_round), "per_round": per_round}
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """The targets of the issue, per dtype, from this run's rows."""
+    """The targets of the issue, per dtype, from this run's rows (paired by round, see :func:`_paired`)."""
     by = {(r["runner"], r["dtype"]): r for r in rows}
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
         tp2 = by.get(("tp2", dtype))
         if tp2 is None or not tp2["loss_ok"]:
             continue
-        t = tp2["median_step_s"]
         for peer, target in (("deepspeed_autotp", 0.7), ("hf_native_tp", 0.85)):
             if (peer, dtype) in by:
                 other = by[(peer, dtype)]
-                out.append({"dtype": dtype, "what": f"tp2 / {peer}", "ratio": t / other["median_step_s"],
-                            "target": target})
-                out.append({"dtype": dtype, "what": f"tp2 / {peer}, CPU time",
-                            "ratio": tp2["median_cpu_s"] / other["median_cpu_s"], "target": None})
+                out.append({"dtype": dtype, "what": f"tp2 / {peer}", "target": target,
+                            **_paired(tp2, other, "round_step_s")})
+                out.append({"dtype": dtype, "what": f"tp2 / {peer}, CPU time", "target": None,
+                            **_paired(tp2, other, "round_cpu_s")})
         single = by.get(("single", dtype))
         if single is not None:
-            out.append({"dtype": dtype, "what": "tp2 / (single / 2)", "ratio": t / (single["median_step_s"] / 2),
-                        "target": 1.25})
+            out.append({"dtype": dtype, "what": "tp2 / (single / 2)", "target": 1.25,
+                        **_paired(tp2, single, "round_step_s", 0.5)})
             # Diagnostic (no target; the issue's targets are step times): the same on CPU seconds, blind
             # to time lost to other processes. Ours includes the shared-memory all-reduce's spin-wait
             # for the peer rank, which gloo spends asleep.
-            out.append({"dtype": dtype, "what": "tp2 / (single / 2), CPU time",
-                        "ratio": tp2["median_cpu_s"] / (single["median_cpu_s"] / 2), "target": None})
+            out.append({"dtype": dtype, "what": "tp2 / (single / 2), CPU time", "target": None,
+                        **_paired(tp2, single, "round_cpu_s", 0.5)})
     return out
+
+
+def format_ratio(t: dict) -> str:
+    rounds = ", ".join(f"{r:.3f}" for r in t["per_round"])
+    head = f"{t['dtype']:<5} {t['what']:<36} {t['ratio']:.3f}"
+    if t["target"] is None:
+        return f"{head}  (diagnostic, no target; rounds {rounds})"
+    mark = "ok" if t["ratio"] <= t["target"] else "MISSED"
+    return f"{head}  (target <= {t['target']})  {mark}  rounds {rounds}"
+
+
+def _run_order(layouts: list[str], peers: list[str]) -> list[str]:
+    """Launch order within a round: the runners the targets compare (single, tp2, the peers) back
+    to back, then the other layouts."""
+    first = [name for name in ("single", "tp2") if name in layouts] + peers
+    return first + [name for name in layouts if name not in first]
 
 
 def main(argv=None) -> int:
@@ -553,7 +586,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--peers", nargs="+", default=["auto"],
                         help="'auto' (those installed), 'none', or names: " + ", ".join(PEERS))
-    parser.add_argument("--rounds", type=int, default=2, help="launches per runner, interleaved; times pooled")
+    parser.add_argument("--rounds", type=int, default=2, help="launches per runner, interleaved; step times pooled per runner, ratios paired per round")
     parser.add_argument("--out", default="bench.json")
     add_worker_arguments(parser)
     parser.add_argument("--runner", help=argparse.SUPPRESS)
@@ -575,7 +608,7 @@ def main(argv=None) -> int:
         for dtype in args.dtypes:
             launches: dict[str, list] = {}
             for rnd in range(args.rounds):  # interleaved rounds: a load change hits every runner alike
-                for runner in layouts + peers:
+                for runner in _run_order(layouts, peers):
                     if runner in launches and launches[runner] is None:
                         continue  # a peer that failed once
                     world = LAYOUTS[runner][0] if runner in LAYOUTS else 2
@@ -604,12 +637,10 @@ def main(argv=None) -> int:
                 rows.append(row)
     print(format_table(rows))
     targets = ratios(rows)
+    if targets:
+        print("ratios: median over rounds of (ours / theirs) from launches made back to back in each round")
     for t in targets:
-        if t["target"] is None:
-            print(f"{t['dtype']:<5} {t['what']:<36} {t['ratio']:.3f}  (diagnostic, no target)")
-            continue
-        mark = "ok" if t["ratio"] <= t["target"] else "MISSED"
-        print(f"{t['dtype']:<5} {t['what']:<36} {t['ratio']:.3f}  (target <= {t['target']})  {mark}")
+        print(format_ratio(t))
     for f in failures:
         print(f"peer {f['runner']} ({f['dtype']}) did not run: {f['error'].splitlines()[-1]}")
     with open(args.out, "w") as f:

@@ -6,7 +6,7 @@ tensors). With ``dp`` data-parallel replicas:
 ========  ======================  =======================  ==================================
 stage     optimizer state/rank    gradient buffer/rank     communication per optimizer step
 ========  ======================  =======================  ==================================
-0         ``P`` (fp32 master)     ``P``                    all-reduce(grads) over dp
+0         ``P`` (fp32 master)     ``P``                    bucketed all-reduce(grads) over dp
 1         ``P / dp``              ``P`` (+ ``P/dp`` fp32)  reduce-scatter(grads) + all-gather(params)
 2         ``P / dp``              ``P / dp`` fp32 + 1 bucket  reduce-scatter per micro-batch, in backward
 ========  ======================  =======================  ==================================
@@ -77,7 +77,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"zero_stage={stage} shards optimizer state element-wise, which {type(template).__name__} does not "
                 f"support (it needs whole tensors). Use an element-wise optimizer (e.g. --optim adamw_torch) or zero_stage=0.")
-        self.context, self.stage = context, stage
+        self.context, self.stage, self.bucket_numel = context, stage, bucket_numel
         self.dp_group, self.dp, self.dp_rank = context.dp_group, context.dp_size, context.dp_rank
         groups = [dict(g) for g in template.param_groups]
         self.params = [p for g in groups for p in g["params"] if p.requires_grad]
@@ -205,14 +205,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._synced = True
 
     def _all_reduce_stage0(self) -> None:
+        """Average the gradients over dp, one fp32 bucket of at most ``bucket_numel`` elements (or one
+        larger tensor) at a time: the transient is one bucket, not a second copy of every gradient."""
         params = [p for p in self.params if p.grad is not None]
-        if self.dp_group is not None and params:
-            flat = torch.cat([p.grad.reshape(-1).float() for p in params])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+        if self.dp_group is not None:
+            for bucket in _consecutive_buckets(params, self.bucket_numel):
+                flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+                offset = 0
+                for p in bucket:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                    offset += p.numel()
         for p in params:
             m = self.master_of[id(p)]
             if m is not p:
@@ -408,3 +411,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     all_gather_flat(full, b.master, self.dp_group)
                 cached = (b, full)
             yield p, cached[1][off:off + p.numel()].view_as(p)
+
+
+def _consecutive_buckets(params: list, bucket_numel: int):
+    """``params`` cut, in order, into runs of at most ``bucket_numel`` elements (a larger tensor alone)."""
+    bucket, size = [], 0
+    for p in params:
+        if bucket and size + p.numel() > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket

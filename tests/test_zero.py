@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from distributed import run_distributed
 from tp_trainer.parallel.context import ParallelContext
-from tp_trainer.zero import ShardedOptimizer, _consecutive_buckets
+from tp_trainer.memory import bucket_runs
+from tp_trainer.zero import ShardedOptimizer
 
 
 def _grads_after_sync(bucket_numel):
@@ -45,8 +46,7 @@ def test_stage0_all_reduce_in_buckets_equals_the_mean_over_dp():
                 assert torch.equal(got, ref), bucket_numel  # and bit-identical to one all-reduce
 
 
-def test_consecutive_buckets_keep_order_and_bound_size():
-    sizes = [torch.empty(n) for n in (3, 4, 10, 2, 2)]
-    buckets = [[t.numel() for t in b] for b in _consecutive_buckets(sizes, 6)]
-    assert buckets == [[3], [4], [10], [2, 2]]  # 3 + 4 > 6; a 10-element tensor goes alone
-    assert [t.numel() for b in _consecutive_buckets(sizes, 6) for t in b] == [3, 4, 10, 2, 2]
+def test_bucket_runs_keep_order_and_bound_size():
+    assert bucket_runs([3, 4, 10, 2, 2], 6) == [[0], [1], [2], [3, 4]]  # 3 + 4 > 6; 10 goes alone
+    assert bucket_runs([2, 2, 2], 6) == [[0, 1, 2]]
+    assert bucket_runs([], 6) == []

@@ -88,17 +88,23 @@ def _sharded_meta_model(config, tp: int, dtype: torch.dtype):
     return model
 
 
+def bucket_runs(numels: list[int], bucket_numel: int) -> list[list[int]]:
+    """``ShardedOptimizer``'s bucket rule: the indices of ``numels`` cut, in order, into runs of at most
+    ``bucket_numel`` elements in total (a larger tensor alone)."""
+    runs, size = [], 0
+    for i, n in enumerate(numels):
+        if not runs or size + n > bucket_numel:
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += n
+    return runs
+
+
 def bucket_shard_numel(param_numels: list[int], dp: int, bucket_numel: int = 2**24) -> int:
     """``S``: the flat-bucket slice of one dp rank, bucketed like ``ShardedOptimizer`` (reverse order)."""
-    total, size = 0, 0
-    for n in reversed(param_numels):
-        if size and size + n > bucket_numel:
-            total += math.ceil(size / dp)
-            size = 0
-        size += n
-    if size:
-        total += math.ceil(size / dp)
-    return total
+    numels = list(reversed(param_numels))
+    return sum(math.ceil(sum(numels[i] for i in run) / dp) for run in bucket_runs(numels, bucket_numel))
 
 
 def saved_activation_bytes(model, batch: int, seq: int) -> int:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .memory import bucket_runs
 from .parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
@@ -114,16 +115,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _build_buckets(self, bucket_numel: int):
         self.buckets: list[_Bucket] = []
-        current, offsets, size = [], [], 0
-        for p in reversed(self.params):
-            if current and size + p.numel() > bucket_numel:
-                self.buckets.append(self._new_bucket(current, offsets, size))
-                current, offsets, size = [], [], 0
-            current.append(p)
-            offsets.append(size)
-            size += p.numel()
-        if current:
-            self.buckets.append(self._new_bucket(current, offsets, size))
+        order = list(reversed(self.params))
+        for run in bucket_runs([p.numel() for p in order], bucket_numel):
+            params, offsets, size = [order[i] for i in run], [], 0
+            for p in params:
+                offsets.append(size)
+                size += p.numel()
+            self.buckets.append(self._new_bucket(params, offsets, size))
         masters = []
         for b in self.buckets:
             masters.extend((piece.param, piece.master) for piece in b.pieces)
@@ -209,7 +207,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         larger tensor) at a time: the transient is one bucket, not a second copy of every gradient."""
         params = [p for p in self.params if p.grad is not None]
         if self.dp_group is not None:
-            for bucket in _consecutive_buckets(params, self.bucket_numel):
+            for run in bucket_runs([p.numel() for p in params], self.bucket_numel):
+                bucket = [params[i] for i in run]
                 flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
                 dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
                 offset = 0
@@ -411,16 +410,3 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     all_gather_flat(full, b.master, self.dp_group)
                 cached = (b, full)
             yield p, cached[1][off:off + p.numel()].view_as(p)
-
-
-def _consecutive_buckets(params: list, bucket_numel: int):
-    """``params`` cut, in order, into runs of at most ``bucket_numel`` elements (a larger tensor alone)."""
-    bucket, size = [], 0
-    for p in params:
-        if bucket and size + p.numel() > bucket_numel:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(p)
-        size += p.numel()
-    if bucket:
-        yield bucket

@@ -522,13 +522,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _paired(ours: dict, other: dict, key: str, scale: float = 1.0) -> dict:
-    """Our time over the other runner's, per round (the two launched minutes apart), and their median.
+    """Our time over the other runner's, per round, and the median over rounds.
 
-    Why per round: the machine's speed drifts by several percent over a run (a shared VM), more
-    than the steps of one launch vary. Pooling every round's steps before dividing lets a slow
-    spell during one runner's launch and a fast one during the other's move the ratio; a ratio of
-    two launches made back to back (``_run_order``) sees the same machine; with three or more
-    rounds the median also drops a round whose pair straddled a change.
+    Why per round: the machine's speed drifts over a run (a shared VM). The runners a ratio
+    compares are launched back to back in every round (``_run_order``), so a slow spell hits
+    both sides of a pair rather than whichever runner it fell on, and the median over three or
+    more rounds drops a pair that straddled a change. It does not remove the noise of single
+    launches, which on the 2-core VM was as large as the drift (one run's fp32 rounds gave
+    0.61-0.77 for tp2 / DeepSpeed): the printed per-round ratios are the error bar.
     """
     per_round = [a / (b * scale) for a, b in zip(ours[key], other[key])]
     return {"ratio": statistics.median(per_round), "per_round": per_round}
@@ -586,7 +587,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--peers", nargs="+", default=["auto"],
                         help="'auto' (those installed), 'none', or names: " + ", ".join(PEERS))
-    parser.add_argument("--rounds", type=int, default=2, help="launches per runner, interleaved; step times pooled per runner, ratios paired per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="launches per runner, interleaved; step times pooled, ratios paired per round")
     parser.add_argument("--out", default="bench.json")
     add_worker_arguments(parser)
     parser.add_argument("--runner", help=argparse.SUPPRESS)

@@ -98,14 +98,13 @@ def start_all_reduced_copy(tensor: torch.Tensor, group):
     ``group`` and must not modify ``tensor``: the TP backward overlaps the input-gradient
     all-reduce with the weight-gradient matmul this way (``layers.py``).
     """
+    if _transports.get(group) is not None:
+        # The shared-memory transport moves the bytes with this rank's own CPU, so there is
+        # no transfer to hide, and a matmul between a publish and its combine evicts the
+        # slots from cache: a split-phase version measured 8 ms slower per fp32 benchmark step
+        # (in-process A/B, alternating steps). So it reduces at once (traced there, once).
+        return _Done(all_reduced_copy(tensor, group))
     with record_function("tp_trainer::all_reduce"):
-        transport = _transports.get(group)
-        if transport is not None:
-            # The shared-memory transport moves the bytes with this rank's own CPU, so there is
-            # no transfer to hide, and a matmul between a publish and its combine evicts the
-            # slots from cache: a split-phase version measured 8 ms slower per fp32 benchmark step
-            # (in-process A/B, alternating steps). So it reduces at once.
-            return _Done(all_reduced_copy(tensor, group))
         out = tensor.contiguous().clone()
         return _BackendPending(out, dist.all_reduce(out, group=group, async_op=True))
 

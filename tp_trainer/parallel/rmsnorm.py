@@ -59,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return _RMSNorm.apply(hidden_states, self.weight, self.tp_rms_eps)
+    return rms_norm(hidden_states, self.weight, self.tp_rms_eps)
 
 
 def fuse_rms_norm(module: nn.Module) -> bool:

@@ -174,6 +174,7 @@ class _OurRun(_Run):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from tp_trainer.parallel.attention import use_cpu_attention
         from tp_trainer.parallel.context import ParallelContext
         from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
         from tp_trainer.zero import ShardedOptimizer
@@ -181,6 +182,7 @@ class _OurRun(_Run):
         self.ctx = ParallelContext.from_environment(tp)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), self.ctx)
+        use_cpu_attention(model, self.ctx.device)  # every layout, the single process included
         model.train()
         self.model = model
         self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True),

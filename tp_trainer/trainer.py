@@ -24,6 +24,7 @@ from .accelerator import TPAccelerator
 from .args import TPTrainingArguments
 from .checks import check_identical_across_tp
 from . import checkpoint, export
+from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
 from .planner import apply_tensor_parallel, plan_tensor_parallel
 from .zero import ShardedOptimizer
@@ -38,6 +39,7 @@ class TPTrainer(Trainer):
         self.tp_context: ParallelContext | None = None
         self.tp_plan = None
         self._tp_batch_checked = False
+        self._cpu_attention = False
         active = getattr(args, "parallel_active", False)
         if active:
             if model is None:
@@ -50,6 +52,7 @@ class TPTrainer(Trainer):
             plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
             self._full_param_count = sum(p.numel() for p in model.parameters())
             apply_tensor_parallel(model, plan, context)
+            self._cpu_attention = use_cpu_attention(model, context.device)
             self.tp_context, self.tp_plan = context, plan
         super().__init__(model, args, *pos, **kwargs)
         if active and self.args.world_size != self.tp_context.world_size:
@@ -73,7 +76,8 @@ class TPTrainer(Trainer):
         fused = sum(1 for m in modules if hasattr(m, "tp_rms_eps"))
         split = sum(1 for m in modules if getattr(m, "tp_token_split", False))
         norms = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
-            f"; {split} replicated norms split over tokens" if split else "")
+            f"; {split} replicated norms split over tokens" if split else "") + (
+            "; causal attention by CPU row blocks" if self._cpu_attention else "")
         return (f"{ctx.describe()}\n"
                 f"  plan: {self.tp_plan.summary()}{norms}\n"
                 f"  zero_stage={args.zero_stage}; global batch = {args.per_device_train_batch_size} per device x "

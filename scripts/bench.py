@@ -25,6 +25,10 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
   ``c10d`` ops; they are read from the transport's own counters as ``all_reduce_shm`` and
   ``all_gather_shm`` (the token-split norms' all-gathers, ``tp_trainer/parallel/norms.py``).
 
+Our layouts, the single process included, run causal attention through tp_trainer's CPU kernel
+(``tp_trainer/parallel/attention.py``) as ``TPTrainer`` does on CPU, so the ``single / 2`` ideal
+has the same attention as the TP layouts; the peers run transformers' ``sdpa`` as their users do.
+
 Every runner trains with the optimizer a default ``Trainer`` builds (``optim="adamw_torch_fused"``:
 ``torch.optim.AdamW(fused=True)``); DeepSpeed gets the same through ``torch_adam`` + ``fused``.
 transformers' native TP cannot step a fused or foreach AdamW on its mixed DTensor/tensor

@@ -187,6 +187,13 @@ def layer_suite():
     (e * 1.0).sum().backward()
     gfull = gather_full(pemb.weight.grad, pemb.weight.tp_spec, ctx.tp_group)
     out["embedding"] = {"y": _diff(e, e_ref), "dW": _diff(gfull, emb.weight.grad)}
+    # ids nn.Embedding refuses: 7 is a padding row of rank 1's shard, -1 belongs to no rank
+    out["embedding_bad_ids"] = []
+    for bad in (7, -1):
+        try:
+            pemb(torch.tensor([[0, bad]]))
+        except IndexError as err:
+            out["embedding_bad_ids"].append(str(err))
 
     # LM head + vocab-parallel CE vs full logits + F.cross_entropy (with ignored positions)
     head = nn.Linear(8, 7, bias=False)
@@ -257,6 +264,14 @@ def test_layer_matches_dense(results, case):
     for rank_result in results:
         for quantity, diff in rank_result[case].items():
             assert diff < tol, f"{case}.{quantity}: max |tp - dense| = {diff}"
+
+
+def test_vocab_parallel_embedding_refuses_ids_outside_the_vocabulary(results):
+    for rank_result in results:  # before the all-reduce, so every rank raises and none waits for a peer
+        errors = rank_result["embedding_bad_ids"]
+        assert len(errors) == 2
+        assert "token id 7 is out of range" in errors[0] and "vocabulary of 7" in errors[0]
+        assert "token id -1 is out of range" in errors[1]
 
 
 def test_lm_head_and_vocab_parallel_cross_entropy(results):

@@ -254,6 +254,7 @@ class VocabParallelEmbedding(nn.Module):
         if self.tp_group is None:
             out = F.embedding(ids, self.weight, self.local_padding_idx)
         else:
+            self._check_ids(ids)
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local_ids, self.weight, self.local_padding_idx)
@@ -262,6 +263,20 @@ class VocabParallelEmbedding(nn.Module):
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype) if torch.is_tensor(self.embed_scale) else out * self.embed_scale
         return out
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """Refuse ids outside ``[0, num_embeddings)`` as ``nn.Embedding`` does. Without the check a
+        sharded lookup maps them to zero vectors on every rank (each rank masks ids it does not
+        own), silently, e.g. when a tokenizer's vocabulary outgrew the model's. On CPU the check
+        raises here; on accelerators it is a device-side assert (no host synchronisation)."""
+        bad = (ids < 0) | (ids >= self.num_embeddings)
+        if ids.device.type != "cpu":
+            torch._assert_async(~bad.any(), "token id out of range of the vocabulary")
+        elif bool(bad.any()):
+            first = int(ids[bad][0])
+            raise IndexError(f"token id {first} is out of range for this model's vocabulary of {self.num_embeddings} "
+                             "(ids must be in [0, vocab_size)); check that the tokenizer matches the model, or "
+                             "resize the embeddings with model.resize_token_embeddings before training")
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end})"

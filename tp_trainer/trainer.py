@@ -75,11 +75,11 @@ class TPTrainer(Trainer):
         modules = list(self.model.modules())
         fused = sum(1 for m in modules if hasattr(m, "tp_rms_eps"))
         split = sum(1 for m in modules if getattr(m, "tp_token_split", False))
-        norms = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
+        kernels = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
             f"; {split} replicated norms split over tokens" if split else "") + (
             "; causal attention by CPU row blocks" if self._cpu_attention else "")
         return (f"{ctx.describe()}\n"
-                f"  plan: {self.tp_plan.summary()}{norms}\n"
+                f"  plan: {self.tp_plan.summary()}{kernels}\n"
                 f"  zero_stage={args.zero_stage}; global batch = {args.per_device_train_batch_size} per device x "
                 f"dp {ctx.dp_size} x grad accum {args.gradient_accumulation_steps} = {gbs}\n"
                 f"  parameters on this rank: {local:,} of {self._full_param_count:,} "

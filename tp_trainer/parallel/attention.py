@@ -46,13 +46,14 @@ import torch.nn as nn
 
 NAME = "tp_trainer_cpu_causal"
 BLOCK = 64  # positions per row block (see the module docstring for 32 and 128)
-MAX_SAVED_PROBS_BYTES = 64 * 2**20  # per layer and rank: the extra activation memory accepted for the speed (torch saves O(S) per row)
+# per layer and rank: the extra activation memory accepted for the speed (torch's kernel saves O(S) per row)
+MAX_SAVED_PROBS_BYTES = 64 * 2**20
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(start: int, end: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """``M_i`` of the rows of positions ``[start, end)`` (each repeated for the ``groups`` heads) against keys ``[0, end)``."""
+    """``M_i``: rows of positions ``[start, end)`` (each repeated for the ``groups`` heads) x keys ``[0, end)``."""
     position = torch.arange(start, end).repeat_interleave(groups)
     mask = torch.zeros(position.numel(), end, dtype=dtype)
     return mask.masked_fill_(torch.arange(end)[None, :] > position[:, None], float("-inf"))
@@ -63,7 +64,7 @@ def _blocks(seq: int, block: int) -> list[tuple[int, int]]:
 
 
 class _BlockCausalAttention(torch.autograd.Function):
-    """``q [B, H, S, d]``, ``k [B, Hk, S, d]``, ``v [B, Hk, S, dv]`` -> ``[B, S, H, dv]`` (what HF's attention interfaces return)."""
+    """``q [B, H, S, d]``, ``k [B, Hk, S, d]``, ``v [B, Hk, S, dv]`` -> ``[B, S, H, dv]`` (HF's interface layout)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, block):
@@ -188,16 +189,17 @@ def use_cpu_attention(model: nn.Module, device: torch.device) -> bool:
 
     Only models whose config selects ``sdpa`` (transformers' default) and whose modeling code
     reaches attention through the registry without naming ``"sdpa"`` itself
-    (:func:`_dispatches_by_registry`); ``TP_TRAINER_CPU_ATTENTION=0`` opts out. The switch is the configs' private
-    ``_attn_implementation``, which ``save_pretrained`` does not write, so saved configs are
-    unchanged. Returns whether it switched.
+    (:func:`_dispatches_by_registry`); ``TP_TRAINER_CPU_ATTENTION=0`` opts out. The switch is
+    the configs' private ``_attn_implementation`` (every config object of the model, the copies
+    the planner gives patched modules included), which ``save_pretrained`` does not write, so
+    saved configs are unchanged. Returns whether it switched.
     """
     from transformers import PretrainedConfig
 
     if torch.device(device).type != "cpu" or os.environ.get("TP_TRAINER_CPU_ATTENTION", "1") == "0":
         return False
-    configs = {id(c): c for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
-               if isinstance(c, PretrainedConfig)}
+    candidates = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+    configs = {id(c): c for c in candidates if isinstance(c, PretrainedConfig)}
     sdpa = [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
     if not sdpa or not _dispatches_by_registry(model):
         return False

@@ -122,3 +122,14 @@ def test_eval_command_prints_the_before_after_table(report, capsys):
     assert main([str(after), "--data", str(data / "missing.jsonl")]) == 2
     assert main([str(builtin), "--data", str(data)]) == 2
     assert "not a saved model directory" in capsys.readouterr().err
+
+
+def test_report_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    """The figures need matplotlib; without it the report stops at once with the install command
+    instead of after its training runs (no run directory is created)."""
+    from tp_trainer.commands import report as report_cmd
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'tp_trainer\[report\]'"):
+        report_cmd.main(["--recipe", DEFAULT, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

@@ -70,8 +70,18 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def require_matplotlib() -> None:
+    """The figures need matplotlib (the ``report`` extra): refuse before any training run, not after 20 minutes."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise SystemExit("tp-trainer report draws its figures with matplotlib, which is not installed "
+                         f"({err}); install it with: pip install 'tp_trainer[report]' (or pip install matplotlib)")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    require_matplotlib()
     from .. import report as R
     from ..evaluate import format_accuracy_table
     from ..recipe import parse_recipe

@@ -14,10 +14,14 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
 * the loss of every step (warm-up included) and the wall time of the measured steps;
   a step is forward + backward + clipping + optimizer step + zero_grad, started after a
   barrier, and its time is the slowest rank's;
-* memory: parameters, gradients and optimizer states counted from the live tensors (each
-  storage once), and the rest = the peak resident set size sampled after forward, backward
-  and step minus the RSS before the model existed minus those three;
-* bytes per collective of one extra (untimed) step, recorded by a ``TorchDispatchMode``
+* memory: parameters, gradients (after backward) and optimizer states counted from the live
+  tensors (each storage once); the peak: the live tensors at the start of a step plus the most
+  the step allocates on top at any moment (``tp_trainer.memory_trace.LiveTensorBytes``: every
+  tensor an op creates, until it is freed), compared with ``tp-trainer estimate --device cpu``;
+  and the rest = the peak resident set size sampled after forward, backward and step minus
+  the RSS before the model existed minus params, grads and optimizer (allocator caching and
+  the libraries' own buffers included);
+* bytes per collective of one extra (untimed) whole step, recorded by a ``TorchDispatchMode``
   that sees every ``c10d``/functional/DeepSpeed collective op: the size of the full buffer
   each collective operates on (all-reduce: the tensor; all-gather: the gathered output;
   reduce-scatter: the input), per rank. All-reduces that tp_trainer sends through its
@@ -162,8 +166,19 @@ class _Run:
     model = None
     dp_rank, dp_size = 0, 1
 
-    def step(self, ids):
+    def forward_backward(self, ids):
         raise NotImplementedError
+
+    def finish_step(self) -> None:
+        """After :meth:`forward_backward`: gradient sync, clipping, optimizer step, zero_grad."""
+        raise NotImplementedError
+
+    def step(self, ids) -> float:
+        loss = self.forward_backward(ids)
+        self._sample()
+        self.finish_step()
+        self._sample()
+        return loss.item()
 
     def memory(self) -> dict:
         raise NotImplementedError
@@ -206,14 +221,10 @@ class _OurRun(_Run):
         self.opt.finish_grad_sync()
         return loss
 
-    def step(self, ids):
-        loss = self.forward_backward(ids)
-        self._sample()
+    def finish_step(self) -> None:
         self.opt.clip_grad_norm(1.0)
         self.opt.step()
-        self._sample()
         self.opt.zero_grad()
-        return loss.item()
 
     def memory(self) -> dict:
         """Live tensors after backward (the gradient peak): params, grads, optimizer states."""
@@ -246,18 +257,14 @@ class _HFNativeTPRun(_Run):
         loss.backward()
         return loss
 
-    def step(self, ids):
+    def finish_step(self) -> None:
         from transformers import Trainer
 
-        loss = self.forward_backward(ids)
-        self._sample()
         # The Trainer's own clipping for models whose grads mix DTensors and plain tensors
         # (norm layers stay plain): torch's clip_grad_norm_ refuses that mix. It reads no state.
         Trainer._mixed_mesh_grad_norm(None, self.model, 1.0)
         self.opt.step()
-        self._sample()
         self.opt.zero_grad()
-        return loss.item()
 
     def memory(self) -> dict:
         seen: set = set()
@@ -292,12 +299,8 @@ class _DeepSpeedAutoTPRun(_Run):
         self.engine.backward(loss)
         return loss
 
-    def step(self, ids):
-        loss = self.forward_backward(ids)
-        self._sample()
+    def finish_step(self) -> None:
         self.engine.step()
-        self._sample()
-        return loss.item()
 
     def memory(self) -> dict:
         seen: set = set()
@@ -336,6 +339,7 @@ def worker(args) -> None:
     import transformers  # noqa: F401  (libraries loaded before the baseline: "rest" is the run's own memory)
 
     import tp_trainer.zero  # noqa: F401
+    from tp_trainer.memory_trace import LiveTensorBytes
     if args.runner == "deepspeed_autotp":
         import deepspeed  # noqa: F401
     rss0 = _rss_bytes()
@@ -360,18 +364,23 @@ def worker(args) -> None:
         losses.append(run.step(ids))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    # one untimed step for the byte counts and the live-tensor memory at the gradient peak
+    # One untimed step for the bytes per collective and the memory: the live tensors at its start
+    # (what persists between steps; p.grad is None after zero_grad) and after backward (the
+    # gradient peak), and the peak of what the step allocates on top (LiveTensorBytes).
     counter = _CollectiveCounter()
     ids = _batch(cfg, cfg.warmup + cfg.steps, dp_rank, dp_size)
     before = run.comm_counters()
-    with counter.mode:
+    at_start = sum(run.memory().values())
+    with counter.mode, LiveTensorBytes() as live:
         run.forward_backward(ids)
+        mem = run.memory()
+        run.finish_step()
     for kind, (calls, nbytes) in run.comm_counters().items():
         counter.calls[kind] = calls - before[kind][0]
         counter.bytes[kind] = nbytes - before[kind][1]
-    mem = run.memory()
     mem["rest"] = max(0, run.peak_rss - rss0 - sum(mem.values()))
     mem["peak_rss_delta"] = run.peak_rss - rss0
+    mem["peak_live"] = at_start + live.peak
     record = {"losses": losses, "times": times[cfg.warmup:], "cpu_times": cpu[cfg.warmup:], "memory": mem,
               "comm_bytes": counter.bytes, "comm_calls": counter.calls, "dp_rank": dp_rank, "dp_size": dp_size}
     write_records(record, args.result)
@@ -475,13 +484,14 @@ def summarize(runner: str, dtype: str, launches: list[list[dict]], cfg: BenchCon
         round_step.append(statistics.median(steps))
         round_cpu.append(statistics.median(cpus))
     median = statistics.median(step_times)
-    worst_mem = max(records, key=lambda r: sum(v for k, v in r["memory"].items() if k != "peak_rss_delta"))
+    worst_mem = max(records, key=lambda r: sum(r["memory"][k] for k in ("params", "grads", "optimizer")))
     comm = {kind: max(r["comm_bytes"].get(kind, 0) for r in records) for kind in records[0]["comm_bytes"]}
     row = {"runner": runner, "dtype": dtype, "world": len(records), "losses": losses, "step_times": step_times,
            "median_step_s": median, "median_cpu_s": statistics.median(cpu_times),
            "round_step_s": round_step, "round_cpu_s": round_cpu,
            "tokens_per_s": cfg.batch * cfg.seq / median,
            "memory_per_rank": worst_mem["memory"], "comm_bytes_per_rank": comm,
+           "peak_live_per_rank": max(r["memory"]["peak_live"] for r in records),
            "comm_calls_per_rank": records[0]["comm_calls"]}
     row["loss_ok"] = True
     if reference is not None:
@@ -497,7 +507,7 @@ def _theory(layout: str, dtype: str, cfg: BenchConfig, model_dir: str) -> dict:
 
     world, tp, zero = LAYOUTS[layout]
     est = estimate_memory(AutoConfig.from_pretrained(model_dir), tp=tp, dp=world // tp, zero=zero, dtype=dtype,
-                          batch=cfg.batch // (world // tp), seq=cfg.seq)
+                          batch=cfg.batch // (world // tp), seq=cfg.seq, device="cpu")
     return est.as_dict()
 
 
@@ -507,23 +517,26 @@ def _mib(n: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'runner':<17}{'dtype':<6}{'ranks':>5}{'step s':>9}{'cpu s':>7}{'tok/s':>8}{'loss ok':>8}{'params':>8}"
-            f"{'grads':>8}{'optim':>8}{'rest':>8}{'theory%':>8}{'act est':>8}  comm MiB/step/rank")
+            f"{'grads':>8}{'optim':>8}{'peak':>8}{'rest':>8}{'theory%':>8}{'peak%':>7}  comm MiB/step/rank")
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["memory_per_rank"]
         ok = "yes" if r["loss_ok"] else "NO"
         step = f"{r['median_step_s']:.3f}" if r["loss_ok"] else "refused"
         tok = f"{r['tokens_per_s']:.0f}" if r["loss_ok"] else "-"
-        theory = r.get("theory_ratio")
+        theory, peak = r.get("theory_ratio"), r.get("peak_theory_ratio")
         comm = ", ".join(f"{k} {_mib(v)}" for k, v in sorted(r["comm_bytes_per_rank"].items())) or "-"
         cpu = f"{r['median_cpu_s']:.3f}" if r["loss_ok"] else "-"
         lines.append(f"{r['runner']:<17}{r['dtype']:<6}{r['world']:>5}{step:>9}{cpu:>7}{tok:>8}{ok:>8}{_mib(m['params']):>8}"
-                     f"{_mib(m['grads']):>8}{_mib(m['optimizer']):>8}{_mib(m['rest']):>8}"
-                     f"{(f'{100 * theory:.1f}' if theory else '-'):>8}"
-                     f"{(_mib(r['theory']['activations']) if 'theory' in r else '-'):>8}  {comm}")
+                     f"{_mib(m['grads']):>8}{_mib(m['optimizer']):>8}{_mib(r['peak_live_per_rank']):>8}"
+                     f"{_mib(m['rest']):>8}{(f'{100 * theory:.1f}' if theory else '-'):>8}"
+                     f"{(f'{100 * peak:.1f}' if peak else '-'):>7}  {comm}")
     lines.append("step s: median wall time of a step (slowest rank); cpu s: median CPU seconds of a step (busiest rank)")
-    lines.append("memory in MiB per rank (the largest rank); theory% = measured params+grads+optimizer / "
-                 "tp_trainer.memory's estimate; act est = its activation estimate (compare with rest)")
+    lines.append("memory in MiB per rank (the largest rank): params, grads (after backward), optim from the live "
+                 "tensors; peak = the most live tensor bytes at any moment of a step; rest = peak RSS - params - "
+                 "grads - optim")
+    lines.append("theory% = params+grads+optim / tp_trainer.memory's estimate; peak% = its estimated peak "
+                 "(tp-trainer estimate --device cpu) / the measured peak")
     return "\n".join(lines)
 
 
@@ -642,6 +655,7 @@ def main(argv=None) -> int:
                     row["theory"] = theory
                     m = row["memory_per_rank"]
                     row["theory_ratio"] = (m["params"] + m["grads"] + m["optimizer"]) / theory["states_total"]
+                    row["peak_theory_ratio"] = theory["peak"] / row["peak_live_per_rank"]
                 rows.append(row)
     print(format_table(rows))
     targets = ratios(rows)

@@ -1,10 +1,19 @@
 """``tp_trainer.memory`` / ``tp-trainer estimate``: the per-rank memory theory against live tensors.
 
-The estimate never allocates (meta model, real planner); here real gloo ranks build the same
-model, shard it, take one step with a real ``ShardedOptimizer`` and count the bytes of the
-live parameters, gradients and optimizer states with the function the benchmark uses. The
-two must agree exactly (both count whole tensors, nothing is approximated); the only
-modelled quantity, activations, is checked for its scaling.
+The estimate never allocates (meta model, real planner, one simulated step); here real gloo
+ranks build the same model, shard it, train two steps with a real ``ShardedOptimizer`` and the
+CPU attention TPTrainer installs, and count
+
+* the bytes of the live parameters, gradients and optimizer states after backward, with the
+  function the benchmark uses: the estimate must equal them exactly (both count whole tensors
+  of known shapes and dtypes, nothing is approximated);
+* the peak of the second step: the live tensors at its start plus the most it allocates on top
+  (``LiveTensorBytes``). The estimate simulates the same step on ``meta`` with the same code
+  (TP layers on a simulated group, the same loss, attention kernel and ZeRO buffers), so it
+  should be exact; the issue allows 10%. The bound below is 1%: what the simulation cannot
+  see is rounding (the ``torch.empty`` of a collective vs the real one's) and ops whose output
+  lifetime differs between meta and CPU kernels; an unmodelled buffer of a layout (a missing
+  ZeRO bucket, a second copy of the logits) is several percent on these models.
 """
 
 from __future__ import annotations
@@ -16,51 +25,87 @@ import torch
 from transformers import AutoConfig
 
 from tests.distributed import run_distributed
-from tests.models import FAMILIES, tiny_model
+from tests.models import tiny_model
 from tp_trainer.commands import estimate as estimate_cmd
 from tp_trainer.memory import bucket_shard_numel, estimate_memory
 
-# (family, tp, zero, dtype) run in one 2-rank world; tp=1 means dp=2 in that world
+# (family, tp, zero, dtype[, micro-batch, seq, bucket elements]) run in one 2-rank world; tp=1 means dp=2.
+# The default batch makes activations the same order as these tiny models' states (the peak comes
+# in forward/backward); the last two cases make gradients dominate, in many small ZeRO buckets,
+# where ZeRO-2's reduce-and-free during backward sets the peak apart from ZeRO-1's.
+BATCH, SEQ, BUCKET = 2, 96, 2**24
 CASES = [("llama", 2, 0, "fp32"), ("llama", 2, 1, "bf16"), ("llama", 2, 2, "fp32"), ("gpt2", 2, 0, "bf16"),
-         ("gemma", 2, 1, "fp32"), ("llama", 1, 1, "bf16"), ("llama", 1, 2, "bf16"), ("llama", 1, 0, "bf16")]
+         ("gemma", 2, 1, "fp32"), ("llama", 1, 1, "bf16"), ("llama", 1, 2, "bf16"), ("llama", 1, 0, "bf16"),
+         ("qwen3", 2, 2, "bf16"), ("llama", 1, 0, "fp32"),
+         ("llama", 1, 1, "fp32", 1, 4, 2048), ("llama", 1, 2, "fp32", 1, 4, 2048)]
+
+
+def _layout(case):
+    family, tp, zero, dtype, *rest = case
+    batch, seq, bucket = rest or (BATCH, SEQ, BUCKET)
+    return family, tp, zero, dtype, batch, seq, bucket
 
 
 def _measure_cases(cases):
     from tp_trainer.memory import measure_training_memory
+    from tp_trainer.memory_trace import LiveTensorBytes
+    from tp_trainer.parallel.attention import use_cpu_attention
     from tp_trainer.parallel.context import ParallelContext
     from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
     from tp_trainer.zero import ShardedOptimizer
 
     out = []
-    for family, tp, zero, dtype in cases:
+    for family, tp, zero, dtype, batch, seq, bucket in map(_layout, cases):
         model = tiny_model(family, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         ctx = ParallelContext.from_environment(tp)
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), ctx)
-        opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), ctx, stage=zero)
-        ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+        use_cpu_attention(model, ctx.device)
+        # the Trainer's default optimizer (adamw_torch_fused), which the estimate assumes: it steps in place
+        opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), ctx, stage=zero,
+                               bucket_numel=bucket)
+        ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(ctx.dp_rank))
         model(input_ids=ids, labels=ids).loss.backward()
-        opt.finish_grad_sync()
         opt.step()  # creates the Adam states
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.finish_grad_sync()  # the gradient peak of the second step, states present
-        out.append({"dp": ctx.dp_size, **measure_training_memory(model, opt)})
         opt.zero_grad()
+        at_start = sum(measure_training_memory(model, opt).values())
+        with LiveTensorBytes() as live:  # the second step, states present
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.finish_grad_sync()
+            states = measure_training_memory(model, opt)  # the gradient peak
+            opt.clip_grad_norm(1.0)
+            opt.step()
+            opt.zero_grad()
+        out.append({"dp": ctx.dp_size, **states, "peak": at_start + live.peak})
     return out
 
 
 @pytest.fixture(scope="module")
 def measured():
     ranks = run_distributed(_measure_cases, 2, CASES)
-    return [max(per_rank, key=lambda m: m["params"] + m["grads"] + m["optimizer"]) for per_rank in zip(*ranks)]
+    return [{**max(per_rank, key=lambda m: m["params"] + m["grads"] + m["optimizer"]),
+             "peak": max(m["peak"] for m in per_rank)} for per_rank in zip(*ranks)]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{f}-tp{t}-zero{z}-{d}" for f, t, z, d in CASES])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=["{}-tp{}-zero{}-{}-{}x{}-bucket{}".format(*_layout(c))
+                                                           for c in CASES])
 def test_estimate_equals_live_tensor_bytes(measured, index):
-    family, tp, zero, dtype = CASES[index]
+    family, tp, zero, dtype, batch, seq, bucket = _layout(CASES[index])
     got = measured[index]
-    est = estimate_memory(FAMILIES[family](), tp=tp, dp=got["dp"], zero=zero, dtype=dtype, batch=2, seq=8)
-    # exact: both sides count whole tensors of known shapes and dtypes (the issue allows 10%)
+    config = tiny_model(family).config  # dropout off, as in the measured model
+    est = estimate_memory(config, tp=tp, dp=got["dp"], zero=zero, dtype=dtype, batch=batch, seq=seq, device="cpu",
+                          bucket_numel=bucket)
     assert (est.params, est.grads, est.optimizer) == (got["params"], got["grads"], got["optimizer"])
+    ratio = est.peak / got["peak"]
+    assert abs(ratio - 1) <= 0.01, \
+        f"estimated peak {est.peak} vs measured {got['peak']} (ratio {ratio:.3f}, activations {est.activations})"
+    if bucket == BUCKET:  # the step's own allocations are a real part of the check
+        assert got["peak"] > 1.3 * est.persistent
+
+
+def test_zero2_peak_is_below_zero1_when_gradients_dominate(measured):
+    """The many-bucket cases above are a check of the ZeRO buffers only if the stages' peaks differ."""
+    zero1, zero2 = measured[-2], measured[-1]
+    assert zero2["peak"] < 0.95 * zero1["peak"], (zero1["peak"], zero2["peak"])
 
 
 def test_states_shrink_as_the_theory_says():
@@ -90,7 +135,7 @@ def test_cli_prints_components_and_rejects_bad_layouts(tmp_path, capsys):
     assert estimate_cmd.main(["--model", str(cfg), "--tp", "2", "--dp", "2", "--zero", "1", "--batch", "2",
                               "--seq", "16", "--compare"]) == 0
     out = capsys.readouterr().out
-    for word in ("parameters", "gradients", "optimizer states", "activations", "total", "zero=0", "zero=2"):
+    for word in ("parameters", "gradients", "optimizer states", "activations", "peak", "zero=0", "zero=2"):
         assert word in out
     assert estimate_cmd.main(["--model", str(cfg), "--tp", "3"]) == 1  # 4 heads cannot split over 3 ranks
     assert "tp=3" in capsys.readouterr().err

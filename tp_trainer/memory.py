@@ -7,7 +7,7 @@ is exact. With ``b`` bytes per element of the training dtype, ``dp`` replicas an
 (two fp32 states per element), what :class:`tp_trainer.zero.ShardedOptimizer` keeps is
 
 ========  ==================  ===============================  ====================================
-stage     parameters          gradients                         optimizer (fp32 master + 2 states)
+stage     parameters          gradients (after backward)        optimizer (fp32 master + 2 states)
 ========  ==================  ===============================  ====================================
 0         ``P b``             ``P b`` (+ ``4 P`` fp32 copy      ``8 P`` (+ ``4 P`` master when
                                           when ``b != 4``)         ``b != 4``; fp32 trains in place)
@@ -16,9 +16,29 @@ stage     parameters          gradients                         optimizer (fp32 
 ========  ==================  ===============================  ====================================
 
 where ``S = sum over buckets of ceil(n / dp)`` ~ ``P / dp`` is this rank's slice of the flat
-buckets. Activations are the tensors autograd saves for backward, measured by running the
-forward of the sharded meta model under ``saved_tensors_hooks`` (each saved storage counted
-once, parameters excluded); the transient peak of backward comes on top and is not modelled.
+buckets. Of those, the *persistent* part lives from step to step: parameters, optimizer
+states and (ZeRO-1/2) the ``4 S`` flat gradient shard; ``p.grad`` and the fp32 master
+gradients of ZeRO-0 appear during the step and are freed by ``zero_grad``.
+
+The peak is simulated, not modelled: one training step of the sharded meta model runs under
+:class:`~tp_trainer.memory_trace.LiveTensorBytes`, which follows every tensor the step creates
+until it is freed, so
+
+    peak = persistent + max over the step of (activations + temporaries + gradients alive)
+
+with the same modeling code, TP layers (on a simulated TP group: the collectives allocate what
+a real rank's do and move no data, ``collectives.simulated_group``), loss and fused kernels
+as a real rank; ZeRO's own
+buffers (ZeRO-2's per-bucket reduce in backward, ZeRO-0/1's flat buckets after it, the dp
+all-gather of the write-back) are allocated at the points where ``ShardedOptimizer`` makes
+them. Attention follows ``device``: ``"cpu"`` runs tp_trainer's CPU kernel where TPTrainer
+would (``parallel/attention.py``, it keeps the probabilities), ``"cuda"`` keeps what flash /
+memory-efficient SDPA keeps (``q, k, v``, the output and an fp32 log-sum-exp per row).
+The optimizer step is the fused AdamW a default ``Trainer`` builds (``adamw_torch_fused``),
+which updates in place; the ``foreach`` implementation (``adamw_torch``) allocates temporaries
+the size of every state it updates (``4 P`` or ``4 S`` bytes more), the for-loop one about two
+fp32 copies of the largest parameter. Not counted: the communication library's own buffers (NCCL's; on CPU the ``2 x tp x 4 MiB``
+shared-memory slots of ``parallel/shm.py``) and the allocator's caching and fragmentation.
 """
 
 from __future__ import annotations
@@ -28,8 +48,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .memory_trace import LiveTensorBytes
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (fp32)
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -43,12 +66,15 @@ class MemoryEstimate:
     dtype: str
     batch: int
     seq: int
+    device: str
     total_params: int       # elements of the unsharded model
     local_params: int       # P: elements one TP rank holds
     params: int
-    grads: int
+    grads: int              # after backward (the gradient peak)
     optimizer: int
-    activations: int
+    activations: int        # saved for backward at the end of the forward
+    persistent: int         # held from step to step: params + optimizer + ZeRO-1/2 flat gradient shard
+    step_peak: int          # max over one step of the bytes it allocates on top of ``persistent``
 
     @property
     def states_total(self) -> int:
@@ -56,26 +82,30 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer
 
     @property
-    def total(self) -> int:
-        return self.states_total + self.activations
+    def peak(self) -> int:
+        """The most a rank holds at any moment of a training step: what must fit."""
+        return self.persistent + self.step_peak
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "states_total": self.states_total, "total": self.total}
+        return {**asdict(self), "states_total": self.states_total, "peak": self.peak}
 
     def table(self) -> str:
-        unit, scale = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
-        rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer states", self.optimizer),
-                ("activations (saved for backward)", self.activations), ("total", self.total)]
+        unit, scale = ("GiB", 2**30) if self.peak >= 2**30 else ("MiB", 2**20)
+        rows = [("parameters", self.params), ("gradients (after backward)", self.grads),
+                ("optimizer states", self.optimizer), ("activations (saved for backward)", self.activations),
+                ("peak of a training step", self.peak)]
         head = (f"{self.model_type}: {self.total_params / 1e9:.2f} B parameters; tp={self.tp} dp={self.dp} "
-                f"zero={self.zero} {self.dtype}, micro-batch {self.batch} x {self.seq} per rank; "
+                f"zero={self.zero} {self.dtype} on {self.device}, micro-batch {self.batch} x {self.seq} per rank; "
                 f"{self.local_params / 1e9:.3f} B parameters on each rank")
         lines = [head] + [f"  {name:<34}{value / scale:>9.2f} {unit}" for name, value in rows]
         return "\n".join(lines)
 
 
-def _sharded_meta_model(config, tp: int, dtype: torch.dtype):
+def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda"):
     from transformers import AutoModelForCausalLM
 
+    from .parallel.attention import use_cpu_attention
+    from .parallel.collectives import simulated_group
     from .parallel.context import ParallelContext
     from .planner import apply_tensor_parallel, plan_tensor_parallel
 
@@ -83,9 +113,60 @@ def _sharded_meta_model(config, tp: int, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if tp > 1:
         plan = plan_tensor_parallel(model, tp)
-        # tp_group=None: the f/g collectives are identities, so the meta forward runs on local shapes
-        apply_tensor_parallel(model, plan, ParallelContext(tp_size=tp, tp_rank=0))
+        # rank 0 of a simulated TP group: the TP layers and their collectives allocate what a real
+        # rank's do; on CPU the group has the shared-memory transport, which splits 16-bit norms
+        context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp))
+        apply_tensor_parallel(model, plan, context, split_norms=None if device == "cpu" else False)
+    if device == "cpu":
+        use_cpu_attention(model, torch.device("cpu"))
+    else:
+        _use_gpu_attention_model(model)
     return model
+
+
+class _GpuAttentionMemory(torch.autograd.Function):
+    """Stands in, on ``meta``, for flash / memory-efficient SDPA: keeps what they keep for backward
+    (``q, k, v``, the output ``[B, H, S, dv]`` and an fp32 log-sum-exp ``[B, H, S]``); computes nothing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _gpu_attention_memory(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    # transformers' sdpa_attention_forward returns the output transposed to [B, S, H, dv], contiguous
+    return _GpuAttentionMemory.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+_GPU_ATTENTION = "tp_trainer_gpu_attention_memory"
+
+
+def _use_gpu_attention_model(model) -> None:
+    """Route the meta model's ``sdpa`` attention through :class:`_GpuAttentionMemory` (SDPA on ``meta``
+    would run its math fallback, which keeps the ``S x S`` probabilities a GPU kernel never stores)."""
+    from transformers import AttentionInterface, PretrainedConfig
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from .parallel.attention import _dispatches_by_registry
+
+    if not _dispatches_by_registry(model):
+        return  # modeling code that picks its own path by name: keep it (an overestimate on meta)
+    if _GPU_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_GPU_ATTENTION, _gpu_attention_memory)
+        AttentionMaskInterface.register(_GPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    configs = {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
+               if isinstance(c, PretrainedConfig)}
+    for config in configs.values():
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = _GPU_ATTENTION
 
 
 def bucket_runs(numels: list[int], bucket_numel: int) -> list[list[int]]:
@@ -107,54 +188,131 @@ def bucket_shard_numel(param_numels: list[int], dp: int, bucket_numel: int = 2**
     return sum(math.ceil(sum(numels[i] for i in run) / dp) for run in bucket_runs(numels, bucket_numel))
 
 
-def saved_activation_bytes(model, batch: int, seq: int) -> int:
-    """Bytes autograd saves during a training forward of ``model`` (on meta) with labels."""
-    params = {id(p) for p in model.parameters()}
-    seen: dict[int, int] = {}
+def _buckets(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]:
+    """``ShardedOptimizer``'s ZeRO-1/2 buckets: ``(params, padded numel)`` in reverse registration order."""
+    order = list(reversed(params))
+    runs = bucket_runs([p.numel() for p in order], bucket_numel)
+    return [([order[i] for i in run], math.ceil(sum(order[i].numel() for i in run) / dp) * dp) for run in runs]
+
+
+def _zero2_hooks(params: list, dp: int, bucket_numel: int) -> list:
+    """ZeRO-2 frees each bucket's gradients during backward, once the bucket is complete, after
+    flattening them into an fp32 buffer and reduce-scattering it (``ShardedOptimizer._reduce_bucket_now``)."""
+    owner = {id(p): bucket for bucket in _buckets(params, dp, bucket_numel) for p in bucket[0]}
+    ready: dict[int, set] = {}
+
+    def hook(p):
+        members, padded = owner[id(p)]
+        done = ready.setdefault(id(members[0]), set())
+        done.add(id(p))
+        if len(done) == len(members):
+            flat = torch.zeros(padded, dtype=torch.float32, device=p.device)
+            out = torch.empty(padded // dp, dtype=torch.float32, device=p.device) if dp > 1 else None
+            del flat, out
+            for q in members:
+                q.grad = None
+            done.clear()
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
+def _sync_and_step(params: list, *, zero: int, dp: int, bucket_numel: int) -> None:
+    """The buffers ``ShardedOptimizer.finish_grad_sync`` and ``step`` allocate after backward (see its code)."""
+    meta = params[0].device
+    kept = []
+    if zero == 0:
+        grads = [p for p in params if p.grad is not None]
+        if dp > 1:  # bucketed fp32 all-reduce
+            for run in bucket_runs([p.numel() for p in grads], bucket_numel):
+                flat = torch.empty(sum(grads[i].numel() for i in run), dtype=torch.float32, device=meta)
+                del flat
+        kept = [p.grad.float() for p in grads if p.dtype != torch.float32]  # fp32 master gradients
+    else:
+        for members, padded in _buckets(params, dp, bucket_numel):
+            if zero == 1:  # flatten + reduce-scatter (ZeRO-2 did it in backward)
+                flat = torch.zeros(padded, dtype=torch.float32, device=meta)
+                out = torch.empty(padded // dp, dtype=torch.float32, device=meta) if dp > 1 else None
+                del flat, out
+            if dp > 1:  # write-back: the dp all-gather of the updated parameters
+                dtype = members[0].dtype
+                full = torch.empty(padded, dtype=dtype, device=meta)
+                mine = torch.empty(padded // dp, dtype=dtype, device=meta) if dtype != torch.float32 else None
+                del full, mine
+    del kept
+
+
+def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_numel: int = 2**24) -> tuple[int, int]:
+    """One training step of ``model`` (on ``meta``): ``(bytes saved for backward, peak bytes allocated)``.
+
+    Forward with labels (the model's own loss function: the vocab-parallel cross-entropy on a TP
+    model), backward with ZeRO-2's bucket reduces, then ZeRO's buffers after backward; the peak
+    is what the step holds on top of the persistent states (see the module docstring).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    skip = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
 
     def pack(t):
         base = t._base if t._base is not None else t
-        if id(base) not in params and id(base) not in seen:
-            seen[id(base)] = base.numel() * base.element_size()
+        if id(base) not in skip and id(base) not in saved:
+            saved[id(base)] = base.numel() * base.element_size()
         return t
 
+    hooks = _zero2_hooks(params, dp, bucket_numel) if zero == 2 else []
     model.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids).logits  # local vocabulary slice [batch, seq, V/tp] in train mode
-        # the (vocab-parallel) cross-entropy keeps fp32 softmax/log-softmax of the local logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())  # noqa: F841
-        total = sum(seen.values())
-    return total
+    with torch.no_grad():  # fills what the code caches across steps (the CPU attention's block masks)
+        model(input_ids=ids)
+    try:
+        with LiveTensorBytes() as live:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            activations = sum(saved.values())
+            loss.backward()
+            del loss
+            _sync_and_step(params, zero=zero, dp=dp, bucket_numel=bucket_numel)
+            for p in params:
+                p.grad = None
+    finally:
+        for h in hooks:
+            h.remove()
+    return activations, live.peak
 
 
 def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
-                    bucket_numel: int = 2**24) -> MemoryEstimate:
-    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` (see the module docstring)."""
+                    device: str = "cuda", bucket_numel: int = 2**24) -> MemoryEstimate:
+    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (see the module docstring)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if zero not in (0, 1, 2):
         raise ValueError(f"zero must be 0, 1 or 2, got {zero}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if tp < 1 or dp < 1 or batch < 1 or seq < 1:
         raise ValueError(f"tp, dp, batch and seq must be >= 1, got tp={tp} dp={dp} batch={batch} seq={seq}")
     b = DTYPE_BYTES[dtype]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    full = _sharded_meta_model(config, 1, torch_dtype)
-    total_params = sum(p.numel() for p in full.parameters())
-    del full
-    model = _sharded_meta_model(config, tp, torch_dtype)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch_dtype).parameters())
+    model = _sharded_meta_model(config, tp, torch_dtype, device)
     numels = [p.numel() for p in model.parameters() if p.requires_grad]
     local = sum(p.numel() for p in model.parameters())
     if zero == 0:
         grads = local * b + (4 * local if b != 4 else 0)
         optimizer = 4 * ADAM_STATES * local + (4 * local if b != 4 else 0)
+        flat_grad_shard = 0
     else:
         shard = bucket_shard_numel(numels, dp, bucket_numel)
-        grads = (local * b if zero == 1 else 0) + 4 * shard
+        flat_grad_shard = 4 * shard
+        grads = (local * b if zero == 1 else 0) + flat_grad_shard
         optimizer = 4 * (1 + ADAM_STATES) * shard
+    activations, step_peak = simulate_step(model, batch=batch, seq=seq, zero=zero, dp=dp, bucket_numel=bucket_numel)
     return MemoryEstimate(model_type=config.model_type, tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq,
-                          total_params=total_params, local_params=local, params=local * b, grads=grads,
-                          optimizer=optimizer, activations=saved_activation_bytes(model, batch, seq))
+                          device=device, total_params=total_params, local_params=local, params=local * b,
+                          grads=grads, optimizer=optimizer, activations=activations,
+                          persistent=local * b + optimizer + flat_grad_shard, step_peak=step_peak)
 
 
 def _storage_bytes(tensors, seen: set) -> int:

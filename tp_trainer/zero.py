@@ -204,17 +204,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _all_reduce_stage0(self) -> None:
         """Average the gradients over dp, one fp32 bucket of at most ``bucket_numel`` elements (or one
-        larger tensor) at a time: the transient is one bucket, not a second copy of every gradient."""
+        larger tensor) at a time: the transient is one bucket, not a second copy of every gradient.
+        Each gradient is copied (and converted) straight into its slice of the bucket: a ``cat`` of
+        ``.float()`` copies held a second fp32 bucket of temporaries (bf16: +4 P bytes at the peak)."""
         params = [p for p in self.params if p.grad is not None]
         if self.dp_group is not None:
             for run in bucket_runs([p.numel() for p in params], self.bucket_numel):
                 bucket = [params[i] for i in run]
-                flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
+                flat = torch.empty(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].grad.device)
+                views = flat.split([p.numel() for p in bucket])
+                for p, view in zip(bucket, views):
+                    view.copy_(p.grad.reshape(-1))
                 dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-                offset = 0
-                for p in bucket:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                    offset += p.numel()
+                for p, view in zip(bucket, views):
+                    p.grad.copy_(view.view_as(p.grad))
         for p in params:
             m = self.master_of[id(p)]
             if m is not p:

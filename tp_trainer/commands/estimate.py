@@ -1,10 +1,12 @@
 """``tp-trainer estimate --model CONFIG_OR_DIR --tp N --dp M --zero S --dtype bf16 --batch B --seq L``.
 
 Prints the per-rank memory of training that model in that layout (parameters, gradients,
-optimizer states, activations saved for backward): "which layout fits my model". Nothing is
-downloaded or allocated: the model is built on the ``meta`` device from its config and
-sharded by the real planner (:mod:`tp_trainer.memory`). ``--compare`` adds one line per
-ZeRO stage for the same tp x dp, to see what each stage saves.
+optimizer states, activations saved for backward, and the peak of a training step, which is
+what must fit): "which layout fits my model". Nothing is downloaded or allocated: the model is
+built on the ``meta`` device from its config, sharded by the real planner, and one training
+step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the attention kernel
+whose saved tensors count (``cuda``: flash / memory-efficient SDPA; ``cpu``: tp_trainer's CPU
+kernel). ``--compare`` adds one line per ZeRO stage for the same tp x dp.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "print the per-rank memory (params, grads, optimizer, activations) of a tp x dp x zero layout"
+HELP = "print the per-rank memory (params, grads, optimizer, activations, peak) of a tp x dp x zero layout"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="training dtype of the weights")
     parser.add_argument("--batch", type=int, default=1, help="per-device (per dp rank) micro-batch size")
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
-    parser.add_argument("--compare", action="store_true", help="also print the totals of ZeRO 0/1/2")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="where it trains: decides the attention kernel (default: cuda)")
+    parser.add_argument("--compare", action="store_true", help="also print the peaks of ZeRO 0/1/2")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
 
@@ -43,12 +47,9 @@ def main(argv: list[str]) -> int:
 
     try:
         config = load_config(args.model)
-        est = estimate_memory(config, tp=args.tp, dp=args.dp, zero=args.zero, dtype=args.dtype,
-                              batch=args.batch, seq=args.seq)
-        others = []
-        if args.compare:
-            others = [estimate_memory(config, tp=args.tp, dp=args.dp, zero=z, dtype=args.dtype, batch=args.batch,
-                                      seq=args.seq) for z in (0, 1, 2) if z != args.zero]
+        layout = dict(tp=args.tp, dp=args.dp, dtype=args.dtype, batch=args.batch, seq=args.seq, device=args.device)
+        est = estimate_memory(config, zero=args.zero, **layout)
+        others = [estimate_memory(config, zero=z, **layout) for z in (0, 1, 2) if args.compare and z != args.zero]
     except (ValueError, PlanError, OSError) as err:
         print(f"tp-trainer estimate: cannot estimate {args.model} at tp={args.tp}: {err}", file=sys.stderr)
         return 1
@@ -59,6 +60,6 @@ def main(argv: list[str]) -> int:
         return 0
     print(est.table())
     for other in others:
-        print(f"  (zero={other.zero}: total {other.total / 2**30:.2f} GiB, optimizer {other.optimizer / 2**30:.2f} GiB, "
+        print(f"  (zero={other.zero}: peak {other.peak / 2**30:.2f} GiB, optimizer {other.optimizer / 2**30:.2f} GiB, "
               f"gradients {other.grads / 2**30:.2f} GiB)")
     return 0

@@ -52,11 +52,11 @@ _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(start: int, end: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+def _block_mask(start: int, end: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``M_i``: rows of positions ``[start, end)`` (each repeated for the ``groups`` heads) x keys ``[0, end)``."""
-    position = torch.arange(start, end).repeat_interleave(groups)
-    mask = torch.zeros(position.numel(), end, dtype=dtype)
-    return mask.masked_fill_(torch.arange(end)[None, :] > position[:, None], float("-inf"))
+    position = torch.arange(start, end, device=device).repeat_interleave(groups)
+    mask = torch.zeros(position.numel(), end, dtype=dtype, device=device)
+    return mask.masked_fill_(torch.arange(end, device=device)[None, :] > position[:, None], float("-inf"))
 
 
 def _blocks(seq: int, block: int) -> list[tuple[int, int]]:
@@ -77,7 +77,7 @@ class _BlockCausalAttention(torch.autograd.Function):
         vf = v.reshape(batch * kv_heads, seq, dv)
         probs, outs = [], []
         for start, end in _blocks(seq, block):
-            scores = torch.baddbmm(_block_mask(start, end, g, q.dtype), qp[:, start * g:end * g],
+            scores = torch.baddbmm(_block_mask(start, end, g, q.dtype, q.device), qp[:, start * g:end * g],
                                    kf[:, :end].transpose(1, 2), alpha=scale)
             p = torch.softmax(scores, dim=-1)
             del scores
@@ -124,13 +124,18 @@ def saved_probs_bytes(batch: int, heads: int, seq: int, element_size: int, block
     return sum(batch * heads * (end - start) * end for start, end in _blocks(seq, block)) * element_size
 
 
+def _autocast(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)  # meta has no autocast
+
+
 def handles(module: nn.Module, query, key, value, attention_mask, dropout: float, is_causal, kwargs) -> bool:
     """True when ``sdpa`` would call the fused kernel with ``is_causal=True`` and nothing else, on CPU,
-    and the saved probabilities stay under :data:`MAX_SAVED_PROBS_BYTES`."""
+    and the saved probabilities stay under :data:`MAX_SAVED_PROBS_BYTES`. ``meta`` tensors count as
+    CPU: ``tp_trainer.memory`` simulates a CPU training step on them."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, seq, _ = query.shape
-    same_dtype = query.dtype == key.dtype == value.dtype or torch.is_autocast_enabled(query.device.type)
-    return (query.device.type == "cpu" and same_dtype and attention_mask is None and causal and dropout == 0.0
+    same_dtype = query.dtype == key.dtype == value.dtype or _autocast(query)
+    return (query.device.type in ("cpu", "meta") and same_dtype and attention_mask is None and causal and dropout == 0.0
             and seq > 1 and key.shape[2] == seq and heads % key.shape[1] == 0
             and not kwargs.get("output_attentions", False)
             and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
@@ -147,7 +152,7 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
                                       is_causal=is_causal, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):  # like sdpa under autocast: all three in the autocast dtype
+    if _autocast(query):  # like sdpa under autocast: all three in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return block_causal_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale), None

@@ -11,6 +11,11 @@ given a faster transport with :func:`set_all_reduce_transport` (done once, by
 :class:`~tp_trainer.parallel.context.ParallelContext`, for gloo groups on one host: see
 ``shm.py``); every other group goes through ``torch.distributed``. The table is keyed weakly
 by the group object, so it holds no group alive and a destroyed group's entry disappears.
+
+:func:`simulated_group` makes a stand-in TP group for one rank of a world that does not exist:
+its collectives allocate exactly what a real rank's would and communicate nothing (the sums
+are not sums). The memory estimate (``tp_trainer/memory.py``) runs the TP layers of rank 0 on
+``meta`` tensors with it, so that the simulated step allocates what a real rank's does.
 """
 
 from __future__ import annotations
@@ -38,6 +43,40 @@ def set_all_reduce_transport(group, transport) -> None:
 def all_reduce_transport(group):
     """The transport :func:`all_reduce` uses for ``group`` (``None``: ``torch.distributed``)."""
     return _transports.get(group) if group is not None else None
+
+
+class SimulatedGroup:
+    """What the TP layers ask of a process group (``size()``, ``rank()``), for :func:`simulated_group`."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+class _SimulatedTransport:
+    """All-reduce: the input copied to the output; all-gather: ``size`` copies of the input, concatenated."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        return tensor if out is None else out.copy_(tensor)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous().repeat(self.size, *([1] * (tensor.dim() - 1)))
+
+
+def simulated_group(size: int, rank: int = 0) -> SimulatedGroup:
+    """A :class:`SimulatedGroup` of ``size`` ranks seen from ``rank``, with its collectives routed through a
+    transport that allocates like the shared-memory one and moves no data (see the module docstring)."""
+    group = SimulatedGroup(size, rank)
+    set_all_reduce_transport(group, _SimulatedTransport(size))
+    return group
 
 
 def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -130,7 +130,7 @@ class _ColumnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, grad_sum):
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if device != "meta" and torch.is_autocast_enabled(device):  # meta (the memory estimate) has no autocast
             dtype = torch.get_autocast_dtype(device)
             xc, wc = x.to(dtype), weight.to(dtype)
             bc = bias.to(dtype) if bias is not None else None

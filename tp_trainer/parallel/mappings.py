@@ -28,7 +28,6 @@ matmul. A column-parallel linear's output stays split over the last dim or goes 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .collectives import all_gather_rows, all_reduced_copy
 
@@ -42,7 +41,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's chunk of ``x`` along ``dim`` (0 or -1)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    size, rank = group.size(), group.rank()  # ProcessGroup's own: the size of and the rank in the group
     if x.shape[dim] % size:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the TP size {size}")
     return x.chunk(size, dim=dim)[rank].contiguous()
@@ -54,7 +53,7 @@ def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = all_gather_rows(x.contiguous(), group)
     if dim == 0:
         return out
-    size = dist.get_world_size(group)
+    size = group.size()
     return out.view(size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
 
 

@@ -69,17 +69,19 @@ def fuse_rms_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, nn.Parameter) or weight.dim() != 1
-            or weight.is_meta or not isinstance(eps, float) or list(module.children())
+            or not isinstance(eps, float) or list(module.children())
             or [n for n, _ in module.named_parameters()] != ["weight"]):
         return False
     probe = copy.deepcopy(module)
+    if weight.is_meta:  # a meta model (the memory estimate): check the formula on a CPU copy
+        probe = probe.to_empty(device="cpu")
     probe._forward_hooks.clear()
     probe._forward_pre_hooks.clear()
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
-        probe.weight.copy_(torch.randn(weight.shape, generator=g).to(weight))
+        probe.weight.copy_(torch.randn(weight.shape, generator=g).to(probe.weight))
         for dtype in {torch.float32, torch.bfloat16, weight.dtype}:  # a cast in another place shows in 16-bit
-            x = (torch.randn(4, weight.shape[0], generator=g) * 3).to(device=weight.device, dtype=dtype)
+            x = (torch.randn(4, weight.shape[0], generator=g) * 3).to(device=probe.weight.device, dtype=dtype)
             try:
                 same = torch.equal(probe(x), rms_norm(x, probe.weight, eps))
             except Exception:  # a forward with other arguments or shapes: not Llama's

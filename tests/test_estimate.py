@@ -31,12 +31,13 @@ from tp_trainer.memory import bucket_shard_numel, estimate_memory
 
 # (family, tp, zero, dtype[, micro-batch, seq, bucket elements]) run in one 2-rank world; tp=1 means dp=2.
 # The default batch makes activations the same order as these tiny models' states (the peak comes
-# in forward/backward); the last two cases make gradients dominate, in many small ZeRO buckets,
-# where ZeRO-2's reduce-and-free during backward sets the peak apart from ZeRO-1's.
+# in forward/backward); the last three make gradients dominate: ZeRO-0's dp bucket and fp32 master
+# gradients set the peak, and in many small buckets ZeRO-2's reduce-and-free during backward sets
+# it apart from ZeRO-1's.
 BATCH, SEQ, BUCKET = 2, 96, 2**24
 CASES = [("llama", 2, 0, "fp32"), ("llama", 2, 1, "bf16"), ("llama", 2, 2, "fp32"), ("gpt2", 2, 0, "bf16"),
          ("gemma", 2, 1, "fp32"), ("llama", 1, 1, "bf16"), ("llama", 1, 2, "bf16"), ("llama", 1, 0, "bf16"),
-         ("qwen3", 2, 2, "bf16"), ("llama", 1, 0, "fp32"),
+         ("qwen3", 2, 2, "bf16"), ("llama", 1, 0, "fp32"), ("llama", 1, 0, "bf16", 1, 4, BUCKET),
          ("llama", 1, 1, "fp32", 1, 4, 2048), ("llama", 1, 2, "fp32", 1, 4, 2048)]
 
 

@@ -204,24 +204,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _all_reduce_stage0(self) -> None:
         """Average the gradients over dp, one fp32 bucket of at most ``bucket_numel`` elements (or one
-        larger tensor) at a time: the transient is one bucket, not a second copy of every gradient.
-        Each gradient is copied (and converted) straight into its slice of the bucket: a ``cat`` of
-        ``.float()`` copies held a second fp32 bucket of temporaries (bf16: +4 P bytes at the peak)."""
+        larger tensor) at a time: the transient is one bucket, not a second copy of every gradient,
+        and it is freed before the fp32 master gradients are made (``tp_trainer.memory`` counts it so)."""
         params = [p for p in self.params if p.grad is not None]
         if self.dp_group is not None:
             for run in bucket_runs([p.numel() for p in params], self.bucket_numel):
-                bucket = [params[i] for i in run]
-                flat = torch.empty(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].grad.device)
-                views = flat.split([p.numel() for p in bucket])
-                for p, view in zip(bucket, views):
-                    view.copy_(p.grad.reshape(-1))
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-                for p, view in zip(bucket, views):
-                    p.grad.copy_(view.view_as(p.grad))
+                self._all_reduce_bucket([params[i] for i in run])
         for p in params:
             m = self.master_of[id(p)]
             if m is not p:
                 m.grad = p.grad.float()
+
+    def _all_reduce_bucket(self, bucket: list) -> None:
+        """dp mean of ``bucket``'s gradients through one flat fp32 buffer, which dies with this call. Each
+        gradient is copied (and converted) into its slice: a ``cat`` of ``.float()`` copies would hold a
+        second fp32 bucket of temporaries (bf16: +4 bytes per element at the peak)."""
+        flat = torch.empty(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].grad.device)
+        views = flat.split([p.numel() for p in bucket])
+        for p, view in zip(bucket, views):
+            view.copy_(p.grad.reshape(-1))
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+        for p, view in zip(bucket, views):
+            p.grad.copy_(view.view_as(p.grad))
 
     # ----------------------------------------------------------------------------- norm, step
     def _master_pieces(self):

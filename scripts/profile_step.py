@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the model, batch and runner of the benchmark)
 
 PHASES = ("forward", "backward", "grad sync + clip", "optimizer step")
-MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")  # addmm_: sibling input grads
 
 
 def _categories(prof, steps: int) -> dict:

@@ -51,17 +51,19 @@ def test_ratios_pair_the_launches_of_each_round(bench):
     # round 2 and sped up between round 3's two launches: per-round ratios 0.6, 0.6, 0.75, median
     # 0.6. Pooling each runner's rounds first would divide 0.72 by 1.0.
     rows = [{"runner": "tp2", "dtype": "fp32", "loss_ok": True, "round_step_s": [0.6, 0.72, 0.75],
-             "round_cpu_s": [0.6, 0.7, 0.7]},
+             "round_cpu_s": [0.6, 0.7, 0.7], "round_min_s": [0.55, 0.6, 0.7]},
             {"runner": "deepspeed_autotp", "dtype": "fp32", "loss_ok": True, "round_step_s": [1.0, 1.2, 1.0],
-             "round_cpu_s": [0.9, 1.0, 1.0]},
+             "round_cpu_s": [0.9, 1.0, 1.0], "round_min_s": [0.9, 1.0, 1.0]},
             {"runner": "single", "dtype": "fp32", "loss_ok": True, "round_step_s": [1.0, 1.2, 1.2],
-             "round_cpu_s": [1.0, 1.2, 1.2]}]
+             "round_cpu_s": [1.0, 1.2, 1.2], "round_min_s": [1.0, 1.1, 1.0]}]
     got = {t["what"]: t for t in bench.ratios(rows)}
     ds = got["tp2 / deepspeed_autotp"]
     assert ds["per_round"] == pytest.approx([0.6, 0.6, 0.75]) and ds["ratio"] == pytest.approx(0.6)
     assert ds["target"] == 0.7 and "ok" in bench.format_ratio(ds)
     assert got["tp2 / (single / 2)"]["per_round"] == pytest.approx([1.2, 1.2, 1.25])
     assert got["tp2 / deepspeed_autotp, CPU time"]["target"] is None
+    fastest = got["tp2 / (single / 2), fastest steps"]
+    assert fastest["target"] is None and fastest["per_round"] == pytest.approx([1.1, 12 / 11, 1.4])
     # the compared runners go first in every round, back to back
     order = bench._run_order(["single", "dp2", "tp2", "tp2_zero1"], ["deepspeed_autotp", "hf_native_tp"])
     assert order == ["single", "tp2", "deepspeed_autotp", "hf_native_tp", "dp2", "tp2_zero1"]

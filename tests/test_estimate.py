@@ -10,10 +10,13 @@ CPU attention TPTrainer installs, and count
 * the peak of the second step: the live tensors at its start plus the most it allocates on top
   (``LiveTensorBytes``). The estimate simulates the same step on ``meta`` with the same code
   (TP layers on a simulated group, the same loss, attention kernel and ZeRO buffers), so it
-  should be exact; the issue allows 10%. The bound below is 1%: what the simulation cannot
-  see is rounding (the ``torch.empty`` of a collective vs the real one's) and ops whose output
-  lifetime differs between meta and CPU kernels; an unmodelled buffer of a layout (a missing
-  ZeRO bucket, a second copy of the logits) is several percent on these models.
+  should be exact, and is in almost every run; the issue allows 10%. The bound below: the
+  estimate may not exceed the measurement by more than 1% (ops whose output lifetime differs
+  between meta and CPU kernels), and may fall short of it by 4%: a gloo collective's buffers
+  live until the peer rank has finished it, so the measured peak can include one more ZeRO
+  bucket, depending on timing (seen twice in about ten runs of this file, +2.3% in the
+  gradient-dominated cases, where one bucket is that much of the peak). An unmodelled buffer
+  of a layout (a ZeRO bucket on every step, a second copy of the logits) is 5-60% on these models.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def test_estimate_equals_live_tensor_bytes(measured, index):
                           bucket_numel=bucket)
     assert (est.params, est.grads, est.optimizer) == (got["params"], got["grads"], got["optimizer"])
     ratio = est.peak / got["peak"]
-    assert abs(ratio - 1) <= 0.01, \
+    assert 0.96 <= ratio <= 1.01, \
         f"estimated peak {est.peak} vs measured {got['peak']} (ratio {ratio:.3f}, activations {est.activations})"
     if bucket == BUCKET:  # the step's own allocations are a real part of the check
         assert got["peak"] > 1.3 * est.persistent

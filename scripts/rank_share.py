@@ -1,0 +1,94 @@
+"""How close to ``single / 2`` can a tp=2 rank get at all? Its share of the work, without communication.
+
+Usage::
+
+    python scripts/rank_share.py --dtype bf16 --steps 20      # the benchmark's model and batch
+
+A tp=2 rank of the benchmark's Llama holds half the attention heads, half the MLP and half the
+vocabulary, and the whole of everything TP does not split: the embedding lookup's output, the
+norms and residual adds on every token, and one Python/dispatcher call per op, as many ops as
+the full model. This script builds that share as a model of its own (heads, KV heads,
+intermediate size and vocabulary halved, hidden size kept) next to the full model, in one
+process on one core, and alternates their training steps (forward, backward, clipping, fused
+AdamW), so a slow spell of the machine hits both alike. It prints
+
+    share / (full / 2)    median over steps of each pair, and on the fastest step of each
+
+which is the ``tp2 / (single / 2)`` a tensor-parallel implementation would reach with free,
+instant communication. Both models use the CPU attention kernel and HF's own norms, as the
+benchmark's single process does (the real tp=2 rank fuses or token-splits its norms, a few ms).
+No communication; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the model and batch of the benchmark)
+
+
+def _stepper(cfg: bench.BenchConfig, dtype, share: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tp_trainer.parallel.attention import use_cpu_attention
+
+    div = 2 if share else 1
+    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate // div,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads // div,
+                         num_key_value_heads=cfg.kv_heads // div, head_dim=cfg.hidden // cfg.heads,
+                         vocab_size=cfg.vocab // div, max_position_embeddings=max(cfg.seq, 2048),
+                         tie_word_embeddings=False)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    use_cpu_attention(model, torch.device("cpu"))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
+
+    def step(i: int) -> float:
+        ids = bench._batch(cfg, i, 0, 1).remainder(config.vocab_size)
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - start
+
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=20, help="measured steps of each model (after 2 warm-up)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from tp_trainer.parallel.host import keep_freed_memory_in_heap
+
+    torch.set_num_threads(1)
+    keep_freed_memory_in_heap()
+    cfg = bench.BenchConfig()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    full, share = _stepper(cfg, dtype, False), _stepper(cfg, dtype, True)
+    times = {"full": [], "share": []}
+    for i in range(args.steps + 2):
+        for name, step in (("full", full), ("share", share)):
+            times[name].append(step(i))
+    tf, ts = times["full"][2:], times["share"][2:]
+    pairs = [s / (f / 2) for f, s in zip(tf, ts)]
+    print(f"{args.dtype}: full model {statistics.median(tf) * 1e3:.0f} ms (fastest {min(tf) * 1e3:.0f}), "
+          f"a tp=2 rank's share {statistics.median(ts) * 1e3:.0f} ms (fastest {min(ts) * 1e3:.0f})")
+    print(f"share / (full / 2): {statistics.median(pairs):.3f} (median of {len(pairs)} alternating pairs), "
+          f"{min(ts) / min(tf) * 2:.3f} (fastest steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,9 @@ AdamW), so a slow spell of the machine hits both alike. It prints
 which is the ``tp2 / (single / 2)`` a tensor-parallel implementation would reach with free,
 instant communication. Both models use the CPU attention kernel and HF's own norms, as the
 benchmark's single process does (the real tp=2 rank fuses or token-splits its norms, a few ms).
+``--compile`` runs both models' forward (and its backward) through ``torch.compile`` (Inductor's
+C++ backend; the attention is then transformers' ``sdpa``, which compiles): how much of the share's
+excess is per-op overhead and unfused elementwise passes that a compiled step removes.
 No communication; nothing is written.
 """
 
@@ -32,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the model and batch of the benchmark)
 
 
-def _stepper(cfg: bench.BenchConfig, dtype, share: bool):
+def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -46,14 +49,16 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool):
                          tie_word_embeddings=False)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    use_cpu_attention(model, torch.device("cpu"))
+    if not compiled:
+        use_cpu_attention(model, torch.device("cpu"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
+    forward = torch.compile(model) if compiled else model
 
     def step(i: int) -> float:
         ids = bench._batch(cfg, i, 0, 1).remainder(config.vocab_size)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        forward(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
@@ -66,6 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each model (after 2 warm-up)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (about a minute to compile)")
     args = parser.parse_args(argv)
 
     import torch
@@ -76,14 +82,14 @@ def main(argv=None) -> int:
     keep_freed_memory_in_heap()
     cfg = bench.BenchConfig()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    full, share = _stepper(cfg, dtype, False), _stepper(cfg, dtype, True)
+    full, share = _stepper(cfg, dtype, False, args.compile), _stepper(cfg, dtype, True, args.compile)
     times = {"full": [], "share": []}
     for i in range(args.steps + 2):
         for name, step in (("full", full), ("share", share)):
             times[name].append(step(i))
     tf, ts = times["full"][2:], times["share"][2:]
     pairs = [s / (f / 2) for f, s in zip(tf, ts)]
-    print(f"{args.dtype}: full model {statistics.median(tf) * 1e3:.0f} ms (fastest {min(tf) * 1e3:.0f}), "
+    print(f"{args.dtype}{' compiled' if args.compile else ''}: full model {statistics.median(tf) * 1e3:.0f} ms (fastest {min(tf) * 1e3:.0f}), "
           f"a tp=2 rank's share {statistics.median(ts) * 1e3:.0f} ms (fastest {min(ts) * 1e3:.0f})")
     print(f"share / (full / 2): {statistics.median(pairs):.3f} (median of {len(pairs)} alternating pairs), "
           f"{min(ts) / min(tf) * 2:.3f} (fastest steps)")

@@ -528,7 +528,8 @@ def format_table(rows: list[dict]) -> str:
         theory, peak = r.get("theory_ratio"), r.get("peak_theory_ratio")
         comm = ", ".join(f"{k} {_mib(v)}" for k, v in sorted(r["comm_bytes_per_rank"].items())) or "-"
         cpu = f"{r['median_cpu_s']:.3f}" if r["loss_ok"] else "-"
-        lines.append(f"{r['runner']:<17}{r['dtype']:<6}{r['world']:>5}{step:>9}{cpu:>7}{tok:>8}{ok:>8}{_mib(m['params']):>8}"
+        lines.append(f"{r['runner']:<17}{r['dtype']:<6}{r['world']:>5}{step:>9}{cpu:>7}{tok:>8}{ok:>8}"
+                     f"{_mib(m['params']):>8}"
                      f"{_mib(m['grads']):>8}{_mib(m['optimizer']):>8}{_mib(r['peak_live_per_rank']):>8}"
                      f"{_mib(m['rest']):>8}{(f'{100 * theory:.1f}' if theory else '-'):>8}"
                      f"{(f'{100 * peak:.1f}' if peak else '-'):>7}  {comm}")

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             times[name].append(step(i))
     tf, ts = times["full"][2:], times["share"][2:]
     pairs = [s / (f / 2) for f, s in zip(tf, ts)]
-    print(f"{args.dtype}{' compiled' if args.compile else ''}: full model {statistics.median(tf) * 1e3:.0f} ms (fastest {min(tf) * 1e3:.0f}), "
+    label = f"{args.dtype}{' compiled' if args.compile else ''}"
+    print(f"{label}: full model {statistics.median(tf) * 1e3:.0f} ms (fastest {min(tf) * 1e3:.0f}), "
           f"a tp=2 rank's share {statistics.median(ts) * 1e3:.0f} ms (fastest {min(ts) * 1e3:.0f})")
     print(f"share / (full / 2): {statistics.median(pairs):.3f} (median of {len(pairs)} alternating pairs), "
           f"{min(ts) / min(tf) * 2:.3f} (fastest steps)")

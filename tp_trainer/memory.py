@@ -27,18 +27,18 @@ until it is freed, so
     peak = persistent + max over the step of (activations + temporaries + gradients alive)
 
 with the same modeling code, TP layers (on a simulated TP group: the collectives allocate what
-a real rank's do and move no data, ``collectives.simulated_group``), loss and fused kernels
-as a real rank; ZeRO's own
-buffers (ZeRO-2's per-bucket reduce in backward, ZeRO-0/1's flat buckets after it, the dp
-all-gather of the write-back) are allocated at the points where ``ShardedOptimizer`` makes
-them. Attention follows ``device``: ``"cpu"`` runs tp_trainer's CPU kernel where TPTrainer
+a real rank's do and move no data, ``collectives.simulated_group``), loss and fused kernels as
+a real rank; ZeRO's own buffers (ZeRO-2's per-bucket reduce in backward, ZeRO-0/1's flat
+buckets after it, the dp all-gather of the write-back) are allocated at the points where
+``ShardedOptimizer`` makes them. Attention follows ``device``: ``"cpu"`` runs tp_trainer's CPU kernel where TPTrainer
 would (``parallel/attention.py``, it keeps the probabilities), ``"cuda"`` keeps what flash /
 memory-efficient SDPA keeps (``q, k, v``, the output and an fp32 log-sum-exp per row).
 The optimizer step is the fused AdamW a default ``Trainer`` builds (``adamw_torch_fused``),
 which updates in place; the ``foreach`` implementation (``adamw_torch``) allocates temporaries
 the size of every state it updates (``4 P`` or ``4 S`` bytes more), the for-loop one about two
-fp32 copies of the largest parameter. Not counted: the communication library's own buffers (NCCL's; on CPU the ``2 x tp x 4 MiB``
-shared-memory slots of ``parallel/shm.py``) and the allocator's caching and fragmentation.
+fp32 copies of the largest parameter. Not counted: the communication library's own buffers
+(NCCL's; on CPU the ``2 x tp x 4 MiB`` shared-memory slots of ``parallel/shm.py``) and the
+allocator's caching and fragmentation.
 """
 
 from __future__ import annotations
@@ -195,6 +195,13 @@ def _buckets(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]
     return [([order[i] for i in run], math.ceil(sum(order[i].numel() for i in run) / dp) * dp) for run in runs]
 
 
+def _transient(*sizes: tuple[int, torch.dtype], device) -> None:
+    """Allocate buffers of ``(numel, dtype)`` side by side, then free them: one of ``ShardedOptimizer``'s
+    transients, as the tensor tracker sees it (``numel`` 0: no buffer)."""
+    held = [torch.empty(n, dtype=dtype, device=device) for n, dtype in sizes if n]
+    del held
+
+
 def _zero2_hooks(params: list, dp: int, bucket_numel: int) -> list:
     """ZeRO-2 frees each bucket's gradients during backward, once the bucket is complete, after
     flattening them into an fp32 buffer and reduce-scattering it (``ShardedOptimizer._reduce_bucket_now``)."""
@@ -206,9 +213,8 @@ def _zero2_hooks(params: list, dp: int, bucket_numel: int) -> list:
         done = ready.setdefault(id(members[0]), set())
         done.add(id(p))
         if len(done) == len(members):
-            flat = torch.zeros(padded, dtype=torch.float32, device=p.device)
-            out = torch.empty(padded // dp, dtype=torch.float32, device=p.device) if dp > 1 else None
-            del flat, out
+            # flat fp32 bucket + the reduce-scatter's output (dp > 1)
+            _transient((padded, torch.float32), (padded // dp if dp > 1 else 0, torch.float32), device=p.device)
             for q in members:
                 q.grad = None
             done.clear()
@@ -218,27 +224,21 @@ def _zero2_hooks(params: list, dp: int, bucket_numel: int) -> list:
 
 def _sync_and_step(params: list, *, zero: int, dp: int, bucket_numel: int) -> None:
     """The buffers ``ShardedOptimizer.finish_grad_sync`` and ``step`` allocate after backward (see its code)."""
-    meta = params[0].device
-    kept = []
+    meta, f32 = params[0].device, torch.float32
     if zero == 0:
         grads = [p for p in params if p.grad is not None]
         if dp > 1:  # bucketed fp32 all-reduce
             for run in bucket_runs([p.numel() for p in grads], bucket_numel):
-                flat = torch.empty(sum(grads[i].numel() for i in run), dtype=torch.float32, device=meta)
-                del flat
-        kept = [p.grad.float() for p in grads if p.dtype != torch.float32]  # fp32 master gradients
-    else:
-        for members, padded in _buckets(params, dp, bucket_numel):
-            if zero == 1:  # flatten + reduce-scatter (ZeRO-2 did it in backward)
-                flat = torch.zeros(padded, dtype=torch.float32, device=meta)
-                out = torch.empty(padded // dp, dtype=torch.float32, device=meta) if dp > 1 else None
-                del flat, out
-            if dp > 1:  # write-back: the dp all-gather of the updated parameters
-                dtype = members[0].dtype
-                full = torch.empty(padded, dtype=dtype, device=meta)
-                mine = torch.empty(padded // dp, dtype=dtype, device=meta) if dtype != torch.float32 else None
-                del full, mine
-    del kept
+                _transient((sum(grads[i].numel() for i in run), f32), device=meta)
+        # the fp32 master gradients, beside the model's until the step's end
+        _transient(*[(p.numel(), f32) for p in grads if p.dtype != f32], device=meta)
+        return
+    for members, padded in _buckets(params, dp, bucket_numel):
+        if zero == 1:  # flatten + reduce-scatter (ZeRO-2 did it in backward)
+            _transient((padded, f32), (padded // dp if dp > 1 else 0, f32), device=meta)
+        if dp > 1:  # write-back: the dp all-gather of the updated parameters (+ the shard cast to their dtype)
+            dtype = members[0].dtype
+            _transient((padded, dtype), (padded // dp if dtype != f32 else 0, dtype), device=meta)
 
 
 def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_numel: int = 2**24) -> tuple[int, int]:
@@ -281,7 +281,7 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
 
 def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
                     device: str = "cuda", bucket_numel: int = 2**24) -> MemoryEstimate:
-    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (see the module docstring)."""
+    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if zero not in (0, 1, 2):
@@ -290,11 +290,11 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if tp < 1 or dp < 1 or batch < 1 or seq < 1:
         raise ValueError(f"tp, dp, batch and seq must be >= 1, got tp={tp} dp={dp} batch={batch} seq={seq}")
+    from transformers import AutoModelForCausalLM
+
     b = DTYPE_BYTES[dtype]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
         total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch_dtype).parameters())
     model = _sharded_meta_model(config, tp, torch_dtype, device)
     numels = [p.numel() for p in model.parameters() if p.requires_grad]

@@ -182,17 +182,24 @@ def bucket_runs(numels: list[int], bucket_numel: int) -> list[list[int]]:
     return runs
 
 
+def zero_buckets(param_numels: list[int], dp: int, bucket_numel: int) -> list[tuple[list[int], int]]:
+    """``ShardedOptimizer``'s ZeRO-1/2 buckets over parameters of ``param_numels`` (registration order):
+    ``(parameter indices, numel padded to a multiple of dp)``, laid out in reverse registration order."""
+    order = list(reversed(range(len(param_numels))))
+    runs = bucket_runs([param_numels[i] for i in order], bucket_numel)
+    return [([order[i] for i in run], math.ceil(sum(param_numels[order[i]] for i in run) / dp) * dp)
+            for run in runs]
+
+
 def bucket_shard_numel(param_numels: list[int], dp: int, bucket_numel: int = 2**24) -> int:
     """``S``: the flat-bucket slice of one dp rank, bucketed like ``ShardedOptimizer`` (reverse order)."""
-    numels = list(reversed(param_numels))
-    return sum(math.ceil(sum(numels[i] for i in run) / dp) for run in bucket_runs(numels, bucket_numel))
+    return sum(padded // dp for _, padded in zero_buckets(param_numels, dp, bucket_numel))
 
 
 def _buckets(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]:
-    """``ShardedOptimizer``'s ZeRO-1/2 buckets: ``(params, padded numel)`` in reverse registration order."""
-    order = list(reversed(params))
-    runs = bucket_runs([p.numel() for p in order], bucket_numel)
-    return [([order[i] for i in run], math.ceil(sum(order[i].numel() for i in run) / dp) * dp) for run in runs]
+    """:func:`zero_buckets` with the parameters themselves: ``(params, padded numel)``."""
+    return [([params[i] for i in members], padded)
+            for members, padded in zero_buckets([p.numel() for p in params], dp, bucket_numel)]
 
 
 def _transient(*sizes: tuple[int, torch.dtype], device) -> None:

@@ -13,7 +13,11 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
 
 * the loss of every step (warm-up included) and the wall time of the measured steps;
   a step is forward + backward + clipping + optimizer step + zero_grad, started after a
-  barrier, and its time is the slowest rank's;
+  barrier, and its time is the slowest rank's. The ``--warmup`` steps (default 4) are not
+  timed: a process's heap keeps growing for its first 2-3 steps, and every fresh page faults on
+  first touch (about 10 us each in this VM). Measured on a tp=2 bf16 rank (2026-12-01, AMD host):
+  steps 1-3 take 268, 286 and 176 ms with 38,000, 8,300 and 400 page faults, then 150-156 ms
+  with under 10; the single process settles the same way (69,000, 12,000, 2,000 faults);
 * memory: parameters, gradients (after backward) and optimizer states counted from the live
   tensors (each storage once); the peak: the live tensors at the start of a step plus the most
   the step allocates on top at any moment (``tp_trainer.memory_trace.LiveTensorBytes``: every
@@ -91,7 +95,7 @@ class BenchConfig:
     batch: int = 4
     seq: int = 256
     steps: int = 5
-    warmup: int = 2
+    warmup: int = 4
     lr: float = 1e-3
     seed: int = 0
     threads: int = 1

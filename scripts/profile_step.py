@@ -8,7 +8,9 @@ Usage::
 Trains the model of ``scripts/bench.py`` (same config flags, same initial weights, same
 optimizer: fused AdamW wrapped in ``ShardedOptimizer``) once in a single process and once as
 tp=2 under ``torchrun --monitor-interval 5`` with ``OMP_NUM_THREADS`` threads per rank, and
-profiles ``--steps`` steps after two warm-up steps with ``torch.profiler`` (CPU). Per step it
+profiles ``--steps`` steps after ``--warmup`` steps (default 4: a CPU rank's heap keeps growing,
+and first-touch page faults cost a tp=2 step up to 60% for its first 2-3 steps, see
+``tp_trainer/parallel/host.py``) with ``torch.profiler`` (CPU). Per step it
 reports, for the single process halved (a perfect tp=2 rank would do exactly half of its
 work) and for the slowest tp=2 rank:
 
@@ -19,8 +21,11 @@ work) and for the slowest tp=2 rank:
   (norms, residual adds, activations, rotary, loss, the optimizer kernels, Python).
 
 The last column, tp2 minus single/2, is the overhead to remove. Profiler instrumentation costs a
-few percent; step times are for comparison within the run, ``scripts/bench.py`` gives the
-unprofiled ones.
+few percent on small ops and distorts large ones: the profiler's own records keep growing the
+heap, so some activation buffers land on fresh pages and pay first-touch faults on every step
+(the tp=2 loss's softmax on the 1024 x 2048 bf16 block: 22 ms profiled, with 4,096 faults, and
+1.3 ms with none in an unprofiled steady step, counted with ``getrusage``). Read the table's
+shape, not its digits; ``scripts/bench.py`` gives the unprofiled step times.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def worker(args) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     run = bench._instrument(bench._OurRun(args.model_dir, dtype, world, 0, cfg.lr))
-    warmup = 2
+    warmup = cfg.warmup
     for step in range(warmup):
         run.step(bench._batch(cfg, step, run.dp_rank, run.dp_size))
     phases = {name: 0.0 for name in PHASES}
@@ -139,10 +144,9 @@ def format_report(single: dict, tp2: list[dict], dtype: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = bench.BenchConfig(steps=3)
+    defaults = bench.BenchConfig(steps=3, warmup=4)
     for name, value in asdict(defaults).items():
-        if name != "warmup":
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--top", type=int, default=0, help="also list the N ops that exceed single/2 the most")
     bench.add_worker_arguments(parser)
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    cfg = bench.BenchConfig(**{k: getattr(args, k) for k in asdict(defaults) if k != "warmup"})
+    cfg = bench.BenchConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = os.path.join(workdir, "model")
         bench._write_model(cfg, model_dir)

@@ -17,6 +17,17 @@ AdamW), so a slow spell of the machine hits both alike. It prints
 which is the ``tp2 / (single / 2)`` a tensor-parallel implementation would reach with free,
 instant communication. Both models use the CPU attention kernel and HF's own norms, as the
 benchmark's single process does (the real tp=2 rank fuses or token-splits its norms, a few ms).
+
+Eager runs add a third model to the rotation: tp_trainer's own tp=2 rank 0 (the benchmark's
+weights, planned and sharded as ``scripts/bench.py`` does, stepped by ``ShardedOptimizer``) on
+a simulated TP group (``collectives.simulated_group``: each all-reduce copies its input, each
+all-gather repeats it, nothing waits for a peer), printed as
+
+    our rank / share       the cost of our TP code itself, beyond the work the rank must do
+
+so that ``tp2 / (single / 2)`` from ``scripts/bench.py`` splits into the share, our code, and
+what only two real processes add (waiting for each other, the transport, sharing the machine).
+Its losses are not a real rank's (the sums are not sums); only its time is used.
 ``--compile`` runs both models' forward (and its backward) through ``torch.compile`` (Inductor's
 C++ backend; the attention is then transformers' ``sdpa``, which compiles): how much of the share's
 excess is per-op overhead and unfused elementwise passes that a compiled step removes.
@@ -29,6 +40,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +79,37 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
     return step
 
 
+def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
+    """Rank 0 of tp_trainer's tp=2 benchmark layout, on a simulated TP group (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tp_trainer.parallel.attention import use_cpu_attention
+    from tp_trainer.parallel.collectives import simulated_group
+    from tp_trainer.parallel.context import ParallelContext
+    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+    from tp_trainer.zero import ShardedOptimizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    ctx = ParallelContext(tp_size=2, tp_rank=0, tp_group=simulated_group(2))
+    apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx)
+    use_cpu_attention(model, ctx.device)
+    model.train()
+    opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True), ctx, stage=0)
+
+    def step(i: int) -> float:
+        ids = bench._batch(cfg, i, 0, 1)
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.finish_grad_sync()
+        opt.clip_grad_norm(1.0)
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - start
+
+    return step
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
@@ -82,11 +125,15 @@ def main(argv=None) -> int:
     keep_freed_memory_in_heap()
     cfg = bench.BenchConfig()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    full, share = _stepper(cfg, dtype, False, args.compile), _stepper(cfg, dtype, True, args.compile)
-    times = {"full": [], "share": []}
-    for i in range(args.steps + 2):
-        for name, step in (("full", full), ("share", share)):
-            times[name].append(step(i))
+    steppers = {"full": _stepper(cfg, dtype, False, args.compile), "share": _stepper(cfg, dtype, True, args.compile)}
+    with tempfile.TemporaryDirectory() as model_dir:
+        if not args.compile:
+            bench._write_model(cfg, model_dir)
+            steppers["ours"] = _our_rank_stepper(cfg, dtype, model_dir)
+        times = {name: [] for name in steppers}
+        for i in range(args.steps + 2):
+            for name, step in steppers.items():
+                times[name].append(step(i))
     tf, ts = times["full"][2:], times["share"][2:]
     pairs = [s / (f / 2) for f, s in zip(tf, ts)]
     label = f"{args.dtype}{' compiled' if args.compile else ''}"
@@ -94,6 +141,11 @@ def main(argv=None) -> int:
           f"a tp=2 rank's share {statistics.median(ts) * 1e3:.0f} ms (fastest {min(ts) * 1e3:.0f})")
     print(f"share / (full / 2): {statistics.median(pairs):.3f} (median of {len(pairs)} alternating pairs), "
           f"{min(ts) / min(tf) * 2:.3f} (fastest steps)")
+    if "ours" in times:
+        to = times["ours"][2:]
+        print(f"our tp=2 rank 0 without its peer {statistics.median(to) * 1e3:.0f} ms (fastest {min(to) * 1e3:.0f}); "
+              f"our rank / share: {statistics.median([o / s for o, s in zip(to, ts)]):.3f} (median of pairs), "
+              f"{min(to) / min(ts):.3f} (fastest steps)")
     return 0
 
 

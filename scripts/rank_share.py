@@ -76,6 +76,7 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
         opt.zero_grad()
         return time.perf_counter() - start
 
+    step.model = model
     return step
 
 
@@ -107,6 +108,7 @@ def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
         opt.zero_grad()
         return time.perf_counter() - start
 
+    step.model = model
     return step
 
 

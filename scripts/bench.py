@@ -15,7 +15,7 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
   a step is forward + backward + clipping + optimizer step + zero_grad, started after a
   barrier, and its time is the slowest rank's. The ``--warmup`` steps (default 4) are not
   timed: a process's heap keeps growing for its first 2-3 steps, and every fresh page faults on
-  first touch (about 10 us each in this VM). Measured on a tp=2 bf16 rank (2026-12-01, AMD host):
+  first touch (about 10 us each in the 2-core benchmark VM). Measured on a tp=2 bf16 rank (2026-12-01, AMD host):
   steps 1-3 take 268, 286 and 176 ms with 38,000, 8,300 and 400 page faults, then 150-156 ms
   with under 10; the single process settles the same way (69,000, 12,000, 2,000 faults);
 * memory: parameters, gradients (after backward) and optimizer states counted from the live
@@ -193,7 +193,10 @@ class _Run:
 
 
 class _OurRun(_Run):
-    def __init__(self, model_dir, dtype, tp, zero, lr):
+    """tp_trainer's layout ``tp`` x ZeRO-``zero`` on this rank; ``ctx`` (default: the launch's
+    ``ParallelContext``) lets ``scripts/rank_share.py`` run rank 0 on a simulated TP group."""
+
+    def __init__(self, model_dir, dtype, tp, zero, lr, ctx=None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -202,7 +205,7 @@ class _OurRun(_Run):
         from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
         from tp_trainer.zero import ShardedOptimizer
 
-        self.ctx = ParallelContext.from_environment(tp)
+        self.ctx = ctx if ctx is not None else ParallelContext.from_environment(tp)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), self.ctx)
         use_cpu_attention(model, self.ctx.device)  # every layout, the single process included

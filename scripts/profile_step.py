@@ -9,7 +9,7 @@ Trains the model of ``scripts/bench.py`` (same config flags, same initial weight
 optimizer: fused AdamW wrapped in ``ShardedOptimizer``) once in a single process and once as
 tp=2 under ``torchrun --monitor-interval 5`` with ``OMP_NUM_THREADS`` threads per rank, and
 profiles ``--steps`` steps after ``--warmup`` steps (default 4: a CPU rank's heap keeps growing,
-and first-touch page faults cost a tp=2 step up to 60% for its first 2-3 steps, see
+and first-touch page faults cost a tp=2 step up to 85% for its first 2-3 steps, see
 ``tp_trainer/parallel/host.py``) with ``torch.profiler`` (CPU). Per step it
 reports, for the single process halved (a perfect tp=2 rank would do exactly half of its
 work) and for the slowest tp=2 rank:

@@ -28,9 +28,11 @@ all-gather repeats it, nothing waits for a peer), printed as
 so that ``tp2 / (single / 2)`` from ``scripts/bench.py`` splits into the share, our code, and
 what only two real processes add (waiting for each other, the transport, sharing the machine).
 Its losses are not a real rank's (the sums are not sums); only its time is used.
+
 ``--compile`` runs both models' forward (and its backward) through ``torch.compile`` (Inductor's
 C++ backend; the attention is then transformers' ``sdpa``, which compiles): how much of the share's
-excess is per-op overhead and unfused elementwise passes that a compiled step removes.
+excess is per-op overhead and unfused elementwise passes that a compiled step removes (the
+third model is not compiled, so it is left out).
 No communication; nothing is written.
 """
 
@@ -81,34 +83,22 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
 
 
 def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
-    """Rank 0 of tp_trainer's tp=2 benchmark layout, on a simulated TP group (see the module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tp_trainer.parallel.attention import use_cpu_attention
+    """Rank 0 of tp_trainer's tp=2 benchmark layout (``bench._OurRun``, the benchmark's own code
+    path), on a simulated TP group (see the module docstring)."""
     from tp_trainer.parallel.collectives import simulated_group
     from tp_trainer.parallel.context import ParallelContext
-    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
-    from tp_trainer.zero import ShardedOptimizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     ctx = ParallelContext(tp_size=2, tp_rank=0, tp_group=simulated_group(2))
-    apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx)
-    use_cpu_attention(model, ctx.device)
-    model.train()
-    opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True), ctx, stage=0)
+    run = bench._instrument(bench._OurRun(model_dir, dtype, 2, 0, cfg.lr, ctx=ctx))
 
     def step(i: int) -> float:
         ids = bench._batch(cfg, i, 0, 1)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.finish_grad_sync()
-        opt.clip_grad_norm(1.0)
-        opt.step()
-        opt.zero_grad()
+        run.forward_backward(ids)
+        run.finish_step()
         return time.perf_counter() - start
 
-    step.model = model
+    step.model = run.model
     return step
 
 

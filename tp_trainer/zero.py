@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .memory import bucket_runs
+from .memory import bucket_runs, zero_buckets
 from .parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
@@ -114,21 +114,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return masters
 
     def _build_buckets(self, bucket_numel: int):
+        """The ZeRO-1/2 buckets: ``memory.zero_buckets``' layout (reverse registration order, each run
+        padded to a multiple of dp), the one ``tp-trainer estimate`` simulates."""
         self.buckets: list[_Bucket] = []
-        order = list(reversed(self.params))
-        for run in bucket_runs([p.numel() for p in order], bucket_numel):
-            params, offsets, size = [order[i] for i in run], [], 0
-            for p in params:
-                offsets.append(size)
-                size += p.numel()
-            self.buckets.append(self._new_bucket(params, offsets, size))
+        for members, padded in zero_buckets([p.numel() for p in self.params], self.dp, bucket_numel):
+            params = [self.params[i] for i in members]
+            offsets = [0]
+            for p in params[:-1]:
+                offsets.append(offsets[-1] + p.numel())
+            self.buckets.append(self._new_bucket(params, offsets, offsets[-1] + params[-1].numel(), padded))
         masters = []
         for b in self.buckets:
             masters.extend((piece.param, piece.master) for piece in b.pieces)
         return masters
 
-    def _new_bucket(self, params, offsets, numel) -> _Bucket:
-        padded = math.ceil(numel / self.dp) * self.dp
+    def _new_bucket(self, params, offsets, numel, padded) -> _Bucket:
         shard = padded // self.dp
         lo, hi = self.dp_rank * shard, (self.dp_rank + 1) * shard
         b = _Bucket(list(params), list(offsets), numel, padded)

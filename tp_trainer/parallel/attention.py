@@ -44,6 +44,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from .layers import autocast_dtype
+
 NAME = "tp_trainer_cpu_causal"
 BLOCK = 64  # positions per row block (see the module docstring for 32 and 128)
 # per layer and rank: the extra activation memory accepted for the speed (torch's kernel saves O(S) per row)
@@ -124,17 +126,13 @@ def saved_probs_bytes(batch: int, heads: int, seq: int, element_size: int, block
     return sum(batch * heads * (end - start) * end for start, end in _blocks(seq, block)) * element_size
 
 
-def _autocast(t: torch.Tensor) -> bool:
-    return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)  # meta has no autocast
-
-
 def handles(module: nn.Module, query, key, value, attention_mask, dropout: float, is_causal, kwargs) -> bool:
     """True when ``sdpa`` would call the fused kernel with ``is_causal=True`` and nothing else, on CPU,
     and the saved probabilities stay under :data:`MAX_SAVED_PROBS_BYTES`. ``meta`` tensors count as
     CPU: ``tp_trainer.memory`` simulates a CPU training step on them."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, seq, _ = query.shape
-    same_dtype = query.dtype == key.dtype == value.dtype or _autocast(query)
+    same_dtype = query.dtype == key.dtype == value.dtype or autocast_dtype(query) is not None
     return (query.device.type in ("cpu", "meta") and same_dtype and attention_mask is None and causal and dropout == 0.0
             and seq > 1 and key.shape[2] == seq and heads % key.shape[1] == 0
             and not kwargs.get("output_attentions", False)
@@ -151,10 +149,9 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    device_type = query.device.type
-    if _autocast(query):  # like sdpa under autocast: all three in the autocast dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
+    dtype = autocast_dtype(query)
+    if dtype is not None:  # like sdpa under autocast: all three in the autocast dtype
+        with torch.autocast(query.device.type, enabled=False):
             return block_causal_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale), None
     return block_causal_attention(query, key, value, scale), None
 

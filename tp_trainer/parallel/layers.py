@@ -30,6 +30,15 @@ from .mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
 from .sharding import ShardSpec
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``t``'s ops in on its device, or ``None`` when autocast is off
+    there. ``meta`` tensors (the memory estimate's simulated step) have no autocast."""
+    device = t.device.type
+    if device == "meta" or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def sharded_parameter(full: torch.Tensor, spec: ShardSpec, requires_grad: bool) -> nn.Parameter:
     param = nn.Parameter(spec.shard(full.detach()), requires_grad=requires_grad)
     param.tp_spec = spec
@@ -129,9 +138,8 @@ class _ColumnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, grad_sum):
-        device = x.device.type
-        if device != "meta" and torch.is_autocast_enabled(device):  # meta (the memory estimate) has no autocast
-            dtype = torch.get_autocast_dtype(device)
+        dtype = autocast_dtype(x)
+        if dtype is not None:
             xc, wc = x.to(dtype), weight.to(dtype)
             bc = bias.to(dtype) if bias is not None else None
         else:

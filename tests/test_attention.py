@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import tiny_model
 from tp_trainer.parallel import attention

@@ -67,7 +67,6 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 def _trainer(tp, out, train_dataset, **kw):
-    from transformers import Trainer
 
     from tp_trainer import TPTrainer
 

@@ -3,6 +3,7 @@
 Usage::
 
     python scripts/rank_share.py --dtype bf16 --steps 20      # the benchmark's model and batch
+    python scripts/rank_share.py --dtype bf16 --pair          # two processes' cost to each other
 
 A tp=2 rank of the benchmark's Llama holds half the attention heads, half the MLP and half the
 vocabulary, and the whole of everything TP does not split: the embedding lookup's output, the
@@ -33,6 +34,9 @@ Its losses are not a real rank's (the sums are not sums); only its time is used.
 C++ backend; the attention is then transformers' ``sdpa``, which compiles): how much of the share's
 excess is per-op overhead and unfused elementwise passes that a compiled step removes (the
 third model is not compiled, so it is left out).
+``--pair`` measures what the two processes of a real tp=2 job cost each other on the machine
+without communicating (shared caches, memory bandwidth, the hypervisor): that third model run
+alone, then in two processes at once.
 No communication; nothing is written.
 """
 
@@ -107,7 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each model (after 2 warm-up)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (about a minute to compile)")
+    parser.add_argument("--pair", action="store_true",
+                        help="instead: our rank without its peer in one process alone, then in two processes at once")
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # --pair's worker processes
     args = parser.parse_args(argv)
+    if args.pair:
+        return _pair(args)
 
     import torch
 
@@ -138,6 +147,46 @@ def main(argv=None) -> int:
         print(f"our tp=2 rank 0 without its peer {statistics.median(to) * 1e3:.0f} ms (fastest {min(to) * 1e3:.0f}); "
               f"our rank / share: {statistics.median([o / s for o, s in zip(to, ts)]):.3f} (median of pairs), "
               f"{min(to) / min(ts):.3f} (fastest steps)")
+    return 0
+
+
+def _pair(args) -> int:
+    """What two processes on the machine cost each other, without communicating: our simulated rank 0
+    (above) stepped in one process alone, then in two processes at once, each on its own thread
+    budget of one (``OMP_NUM_THREADS=1``); a real tp=2 job runs two such ranks side by side."""
+    import json
+    import subprocess
+
+    import torch
+
+    if args.model_dir:  # worker: step, print the median
+        from tp_trainer.parallel.host import keep_freed_memory_in_heap
+
+        torch.set_num_threads(1)
+        keep_freed_memory_in_heap()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        step = _our_rank_stepper(bench.BenchConfig(), dtype, args.model_dir)
+        times = [step(i) for i in range(args.steps + 4)][4:]  # 4 warm-up steps, as the benchmark
+        print(json.dumps(statistics.median(times)))
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    with tempfile.TemporaryDirectory() as model_dir:
+        bench._write_model(bench.BenchConfig(), model_dir)
+        cmd = [sys.executable, os.path.abspath(__file__), "--pair", "--dtype", args.dtype, "--steps", str(args.steps),
+               "--model-dir", model_dir]
+
+        def run(count: int) -> list[float]:
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True) for _ in range(count)]
+            outs = [p.communicate()[0] for p in procs]
+            if any(p.returncode for p in procs):
+                raise SystemExit("a --pair worker failed")
+            return [json.loads(out.strip().splitlines()[-1]) for out in outs]
+
+        alone, pair, alone_again = run(1), run(2), run(1)
+    base = statistics.mean(alone + alone_again)
+    print(f"{args.dtype}: our tp=2 rank 0 without its peer, alone {alone[0] * 1e3:.0f} and "
+          f"{alone_again[0] * 1e3:.0f} ms, two processes at once {pair[0] * 1e3:.0f} and {pair[1] * 1e3:.0f} ms")
+    print(f"two at once / alone: {max(pair) / base:.3f} (the slower process; a tp=2 step waits for it)")
     return 0
 
 

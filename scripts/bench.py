@@ -32,6 +32,8 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
   shared-memory transport (gloo ranks on one host, ``tp_trainer/parallel/shm.py``) are not
   ``c10d`` ops; they are read from the transport's own counters as ``all_reduce_shm`` and
   ``all_gather_shm`` (the token-split norms' all-gathers, ``tp_trainer/parallel/norms.py``).
+  For those it also prints how long a tp=2 step waited for the peer rank inside them (the
+  transport's ``wait_s`` clock; per step the rank that waited most, median over steps).
 
 Our layouts, the single process included, run causal attention through tp_trainer's CPU kernel
 (``tp_trainer/parallel/attention.py``) as ``TPTrainer`` does on CPU, so the ``single / 2`` ideal
@@ -191,6 +193,10 @@ class _Run:
         """``{kind: (calls, bytes)}`` of collectives the dispatcher does not see (cumulative)."""
         return {}
 
+    def comm_wait_s(self) -> float | None:
+        """Seconds this rank spent waiting for its TP peers inside collectives (cumulative), if known."""
+        return None
+
 
 class _OurRun(_Run):
     """tp_trainer's layout ``tp`` x ZeRO-``zero`` on this rank; ``ctx`` (default: the launch's
@@ -220,6 +226,12 @@ class _OurRun(_Run):
 
         shm = all_reduce_transport(self.ctx.tp_group)
         return {} if shm is None else {f"{kind}_shm": tuple(v) for kind, v in shm.stats.items()}
+
+    def comm_wait_s(self) -> float | None:
+        from tp_trainer.parallel.collectives import all_reduce_transport
+
+        shm = all_reduce_transport(self.ctx.tp_group)
+        return None if shm is None else shm.wait_s
 
     def forward_backward(self, ids):
         loss = self.model(input_ids=ids, labels=ids).loss
@@ -362,15 +374,17 @@ def worker(args) -> None:
     _instrument(run)
     dp_rank, dp_size = run.dp_rank, run.dp_size
 
-    losses, times, cpu = [], [], []
+    losses, times, cpu, waits = [], [], [], []
     for step in range(cfg.warmup + cfg.steps):
         ids = _batch(cfg, step, dp_rank, dp_size)
         if world > 1:
             dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), run.comm_wait_s()
         losses.append(run.step(ids))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        if w0 is not None:
+            waits.append(run.comm_wait_s() - w0)
     # One untimed step for the bytes per collective and the memory: the live tensors at its start
     # (what persists between steps; p.grad is None after zero_grad) and after backward (the
     # gradient peak), and the peak of what the step allocates on top (LiveTensorBytes).
@@ -388,7 +402,8 @@ def worker(args) -> None:
     mem["rest"] = max(0, run.peak_rss - rss0 - sum(mem.values()))
     mem["peak_rss_delta"] = run.peak_rss - rss0
     mem["peak_live"] = at_start + live.peak
-    record = {"losses": losses, "times": times[cfg.warmup:], "cpu_times": cpu[cfg.warmup:], "memory": mem,
+    record = {"losses": losses, "times": times[cfg.warmup:], "cpu_times": cpu[cfg.warmup:],
+              "wait_times": waits[cfg.warmup:], "memory": mem,
               "comm_bytes": counter.bytes, "comm_calls": counter.calls, "dp_rank": dp_rank, "dp_size": dp_size}
     write_records(record, args.result)
 
@@ -501,6 +516,10 @@ def summarize(runner: str, dtype: str, launches: list[list[dict]], cfg: BenchCon
            "memory_per_rank": worst_mem["memory"], "comm_bytes_per_rank": comm,
            "peak_live_per_rank": max(r["memory"]["peak_live"] for r in records),
            "comm_calls_per_rank": records[0]["comm_calls"]}
+    waits = [max(r["wait_times"][i] for r in recs) for recs in launches if recs[0].get("wait_times")
+             for i in range(len(recs[0]["wait_times"]))]
+    if waits:  # the rank that waited most in each step: how long the other one was behind
+        row["median_wait_s"] = statistics.median(waits)
     row["loss_ok"] = True
     if reference is not None:
         diffs = [max(abs(a - b) for a, b in zip(_dp_mean_losses(recs), reference)) for recs in launches]
@@ -677,6 +696,10 @@ def main(argv=None) -> int:
         print("ratios: median over rounds of (ours / theirs) from launches made back to back in each round")
     for t in targets:
         print(format_ratio(t))
+    for r in rows:
+        if "median_wait_s" in r:
+            print(f"{r['dtype']:<5} {r['runner']}: {r['median_wait_s'] * 1e3:.1f} ms per step waiting for the TP peer "
+                  "in the shared-memory collectives (median step; the rank that waited most)")
     for f in failures:
         print(f"peer {f['runner']} ({f['dtype']}) did not run: {f['error'].splitlines()[-1]}")
     with open(args.out, "w") as f:

@@ -96,6 +96,8 @@ def test_short_real_run_passes_the_gate(bench, tmp_path):
     comm = rows["tp2"]["comm_bytes_per_rank"]
     if "all_reduce_shm" in comm:
         assert comm == {"all_reduce_shm": activations, "all_gather_shm": loss_gather}, comm
+        # the transport's waiting clock: a duration within the step that contains it
+        assert 0.0 <= rows["tp2"]["median_wait_s"] <= max(rows["tp2"]["step_times"])
     else:
         assert comm == {"all_reduce": activations, "all_gather": loss_gather}, comm
-    assert rows["single"]["comm_bytes_per_rank"] == {}
+    assert rows["single"]["comm_bytes_per_rank"] == {} and "median_wait_s" not in rows["single"]

@@ -67,6 +67,7 @@ class SharedMemoryTransport:
         self._seq = 0
         # {"all_reduce" | "all_gather": [calls, bytes of the full tensor]} served (for benchmarks)
         self.stats = {"all_reduce": [0, 0], "all_gather": [0, 0]}
+        self.wait_s = 0.0  # seconds spent waiting for the other ranks' slots, cumulative (for benchmarks)
 
     def __call__(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Reduce ``tensor`` (contiguous, CPU) over the group into ``out`` (default: ``tensor``, in place)
@@ -122,6 +123,16 @@ class SharedMemoryTransport:
         _combine(self._publish(chunk), op, out)
 
     def _wait_all(self, seq: int) -> None:
+        flags = self._flags
+        if flags.min() >= seq:  # everyone is here already
+            return
+        t0 = time.perf_counter()
+        try:
+            self._spin(seq)
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def _spin(self, seq: int) -> None:
         flags = self._flags
         spins, start = 0, None
         while flags.min() < seq:

@@ -221,16 +221,18 @@ class _OurRun(_Run):
                                     self.ctx, stage=zero)
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
 
-    def comm_counters(self) -> dict:
+    def _shm(self):
+        """The TP group's shared-memory transport, or ``None`` (no TP group, or the backend's collectives)."""
         from tp_trainer.parallel.collectives import all_reduce_transport
 
-        shm = all_reduce_transport(self.ctx.tp_group)
+        return all_reduce_transport(self.ctx.tp_group)
+
+    def comm_counters(self) -> dict:
+        shm = self._shm()
         return {} if shm is None else {f"{kind}_shm": tuple(v) for kind, v in shm.stats.items()}
 
     def comm_wait_s(self) -> float | None:
-        from tp_trainer.parallel.collectives import all_reduce_transport
-
-        shm = all_reduce_transport(self.ctx.tp_group)
+        shm = self._shm()
         return None if shm is None else shm.wait_s
 
     def forward_backward(self, ids):

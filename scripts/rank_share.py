@@ -106,6 +106,18 @@ def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
     return step
 
 
+def _training_process(dtype: str):
+    """Set this process up as the benchmark's ranks are (one thread, freed memory kept in the heap);
+    returns the torch dtype named ``dtype``."""
+    import torch
+
+    from tp_trainer.parallel.host import keep_freed_memory_in_heap
+
+    torch.set_num_threads(1)
+    keep_freed_memory_in_heap()
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
@@ -117,15 +129,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.pair:
         return _pair(args)
-
-    import torch
-
-    from tp_trainer.parallel.host import keep_freed_memory_in_heap
-
-    torch.set_num_threads(1)
-    keep_freed_memory_in_heap()
-    cfg = bench.BenchConfig()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg, dtype = bench.BenchConfig(), _training_process(args.dtype)
     steppers = {"full": _stepper(cfg, dtype, False, args.compile), "share": _stepper(cfg, dtype, True, args.compile)}
     with tempfile.TemporaryDirectory() as model_dir:
         if not args.compile:
@@ -157,15 +161,8 @@ def _pair(args) -> int:
     import json
     import subprocess
 
-    import torch
-
     if args.model_dir:  # worker: step, print the median
-        from tp_trainer.parallel.host import keep_freed_memory_in_heap
-
-        torch.set_num_threads(1)
-        keep_freed_memory_in_heap()
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        step = _our_rank_stepper(bench.BenchConfig(), dtype, args.model_dir)
+        step = _our_rank_stepper(bench.BenchConfig(), _training_process(args.dtype), args.model_dir)
         times = [step(i) for i in range(args.steps + 4)][4:]  # 4 warm-up steps, as the benchmark
         print(json.dumps(statistics.median(times)))
         return 0

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .memory import bucket_runs, zero_buckets
-from .parallel.collectives import all_gather_flat, all_reduce, reduce_scatter_flat
+from .parallel.collectives import all_gather_flat, all_reduce, free_now, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
 
@@ -160,6 +160,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         out = torch.empty_like(b.grad)
         reduce_scatter_flat(out, flat, self.dp_group, op=dist.ReduceOp.AVG)
         b.grad.add_(out)
+        free_now(flat, out)  # collectives.free_now: gloo may hold both past the call
 
     def _register_reduce_hooks(self) -> None:
         owner = {id(p): b for b in self.buckets for p in b.params}
@@ -226,6 +227,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
         for p, view in zip(bucket, views):
             p.grad.copy_(view.view_as(p.grad))
+        free_now(flat)  # before the fp32 master gradients are made (collectives.free_now: gloo may hold it)
 
     # ----------------------------------------------------------------------------- norm, step
     def _master_pieces(self):
@@ -292,6 +294,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 all_gather_flat(full, b.master.to(dtype), self.dp_group)
             for p, off in zip(b.params, b.offsets):
                 p.data.copy_(full[off:off + p.numel()].view_as(p))
+            if full is not b.master:
+                free_now(full)
 
     def _after_step(self) -> None:
         self._synced = False

@@ -164,6 +164,24 @@ def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
         return out
 
 
+def free_now(*tensors: torch.Tensor) -> None:
+    """Free the memory of CPU ``tensors`` that a finished collective used and the caller is done with.
+
+    gloo's work object keeps its tensors referenced until its worker thread drops it, which may be
+    after the (synchronous) call has returned: 2 ranks, 200 all-reduces of a 74k-element fp32
+    tensor, the storage was still alive right after ``del`` in 26-28 of them. ZeRO's transient
+    buckets could then outlive their step and sit beside the next buffer, e.g. the fp32 master
+    gradients, and the peak ``tp_trainer.memory`` predicts would hold only most of the time
+    (bf16, ZeRO-0, dp=2 on a tiny Llama: 17% over it in those steps). Resizing the storage to 0
+    frees it at once, whoever still holds it. Only the tensors' own storages (no views of
+    something still in use). CUDA tensors are left to the caching allocator, whose stream
+    ordering decides when NCCL's buffers may be reused.
+    """
+    for t in tensors:
+        if t.device.type == "cpu":
+            t.untyped_storage().resize_(0)
+
+
 def all_gather_flat(output, tensor, group) -> None:
     """``output = cat([tensor of rank 0, tensor of rank 1, ...], dim=0)`` over ``group``."""
     _all_gather(output, tensor, group=group)

@@ -36,8 +36,10 @@ weights with AdamW (weight decay 0, global-norm clipping at 1.0) and reports, pe
   transport's ``wait_s`` clock; per step the rank that waited most, median over steps).
 
 Our layouts, the single process included, run causal attention through tp_trainer's CPU kernel
-(``tp_trainer/parallel/attention.py``) as ``TPTrainer`` does on CPU, so the ``single / 2`` ideal
-has the same attention as the TP layouts; the peers run transformers' ``sdpa`` as their users do.
+(``tp_trainer/parallel/attention.py``) as ``TPTrainer`` does on CPU, and the RMSNorms through
+its fused backward (``tp_trainer/parallel/rmsnorm.py``, which ``apply_tensor_parallel`` installs at
+every tp size), so the ``single / 2`` ideal has the same kernels as the TP layouts and the ratio
+measures only what TP adds; the peers run transformers' ``sdpa`` and norms as their users do.
 
 Every runner trains with the optimizer a default ``Trainer`` builds (``optim="adamw_torch_fused"``:
 ``torch.optim.AdamW(fused=True)``); DeepSpeed gets the same through ``torch_adam`` + ``fused``.

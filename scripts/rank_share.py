@@ -16,8 +16,8 @@ AdamW), so a slow spell of the machine hits both alike. It prints
     share / (full / 2)    median over steps of each pair, and on the fastest step of each
 
 which is the ``tp2 / (single / 2)`` a tensor-parallel implementation would reach with free,
-instant communication. Both models use the CPU attention kernel and HF's own norms, as the
-benchmark's single process does (the real tp=2 rank fuses or token-splits its norms, a few ms).
+instant communication. Both models use the CPU attention kernel and the fused RMSNorms, as the
+benchmark's single process does (the real tp=2 rank also token-splits its 16-bit norms).
 
 Eager runs add a third model to the rotation: tp_trainer's own tp=2 rank 0 (the benchmark's
 weights, planned and sharded as ``scripts/bench.py`` does, stepped by ``ShardedOptimizer``) on
@@ -58,6 +58,9 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tp_trainer.parallel.attention import use_cpu_attention
+    from tp_trainer.parallel.context import ParallelContext
+    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+    from tp_trainer.zero import ShardedOptimizer
 
     div = 2 if share else 1
     config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate // div,
@@ -67,17 +70,21 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
                          tie_word_embeddings=False)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if not compiled:
+    single = ParallelContext.single()
+    if not compiled:  # the kernels and optimizer of the benchmark's single process (bench._OurRun, tp=1)
         use_cpu_attention(model, torch.device("cpu"))
+        apply_tensor_parallel(model, plan_tensor_parallel(model, 1), single)  # tp=1: the fused RMSNorms
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
+    opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True),
+                           single, stage=0)
     forward = torch.compile(model) if compiled else model
 
     def step(i: int) -> float:
         ids = bench._batch(cfg, i, 0, 1).remainder(config.vocab_size)
         start = time.perf_counter()
         forward(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.finish_grad_sync()
+        opt.clip_grad_norm(1.0)
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - start

@@ -47,3 +47,25 @@ def test_other_formulas_keep_their_own_forward():
     assert not fuse_rms_norm(GemmaRMSNorm(32))  # (1 + w) * x
     assert not fuse_rms_norm(Olmo2RMSNorm(32))  # (w * x).to(dtype): differs in 16-bit
     assert not fuse_rms_norm(torch.nn.LayerNorm(32))
+
+
+def test_tp1_fuses_every_llama_rmsnorm_and_keeps_the_loss():
+    """At tp=1 (ZeRO-only runs, the benchmark's single process) ``apply_tensor_parallel`` shards
+    nothing but still gives the RMSNorms their fused backward, so a ``single / 2`` ideal has the
+    same kernels as the TP layouts. The loss is bit-identical (same forward ops); the gradients
+    round differently, within the bound of the module test above."""
+    from tests.models import tiny_model
+    from tp_trainer.parallel.context import ParallelContext
+    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+
+    ref, model = tiny_model("llama"), tiny_model("llama")
+    apply_tensor_parallel(model, plan_tensor_parallel(model, 1), ParallelContext())
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(hasattr(m, "tp_rms_eps") for m in norms)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (ref, model)]
+    assert torch.equal(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)

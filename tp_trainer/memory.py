@@ -111,12 +111,12 @@ def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if tp > 1:
-        plan = plan_tensor_parallel(model, tp)
-        # rank 0 of a simulated TP group: the TP layers and their collectives allocate what a real
-        # rank's do; on CPU the group has the shared-memory transport, which splits 16-bit norms
-        context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp))
-        apply_tensor_parallel(model, plan, context, split_norms=None if device == "cpu" else False)
+    # rank 0 of a simulated TP group: the TP layers and their collectives allocate what a real
+    # rank's do; on CPU the group has the shared-memory transport, which splits 16-bit norms.
+    # At tp=1 nothing is sharded, but the RMSNorms get their fused backward all the same.
+    context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp) if tp > 1 else None)
+    apply_tensor_parallel(model, plan_tensor_parallel(model, tp), context,
+                          split_norms=None if device == "cpu" else False)
     if device == "cpu":
         use_cpu_attention(model, torch.device("cpu"))
     else:

@@ -65,7 +65,10 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     """
     if plan.tp_size != context.tp_size:
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
-    if context.tp_size == 1:
+    if context.tp_size == 1:  # nothing to shard; the fused norms are a speed-up of their own (ZeRO-only runs)
+        modules = dict(model.named_modules())
+        fused = [name for name, mod in modules.items() if is_per_token_norm(mod) and fuse_rms_norm(mod)]
+        logger.debug(f"{len(fused)} RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
         return model
     group = context.tp_group
     modules = dict(model.named_modules())

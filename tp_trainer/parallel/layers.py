@@ -236,6 +236,22 @@ class RowParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, split_input={self.split_input}")
 
 
+def _zero_rows_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """In place: ``out[rows] = 0`` for a boolean ``rows`` over ``out``'s leading dims; returns ``out``.
+
+    In place is safe on a lookup's output (its backward needs only the ids). On CPU through
+    ``index_fill_`` on the flat rows: a broadcast ``masked_fill_`` over ``[N, H]`` is not
+    vectorised there (benchmark's ``[1024, 512]`` bf16 block, one core: 252 us against 82 us,
+    and the same again in backward). ``index_fill_`` needs the row indices (``nonzero``, a host
+    synchronisation on accelerators), so elsewhere it stays ``masked_fill_``.
+    """
+    if out.device.type != "cpu":
+        return out.masked_fill_(rows.unsqueeze(-1), 0.0)
+    flat = out.view(-1, out.shape[-1])
+    flat.index_fill_(0, rows.reshape(-1).nonzero().squeeze(1), 0.0)
+    return out
+
+
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: nn.Parameter, tp_group, *, num_embeddings: int, padding_idx: int | None,
                  embed_scale=None):
@@ -265,9 +281,8 @@ class VocabParallelEmbedding(nn.Module):
             self._check_ids(ids)
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-            out = F.embedding(local_ids, self.weight, self.local_padding_idx)
-            # in place: the lookup's backward needs only the ids, not its output
-            out = reduce_from_tp(out.masked_fill_(outside.unsqueeze(-1), 0.0), self.tp_group)
+            out = reduce_from_tp(_zero_rows_(F.embedding(local_ids, self.weight, self.local_padding_idx), outside),
+                                 self.tp_group)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype) if torch.is_tensor(self.embed_scale) else out * self.embed_scale
         return out

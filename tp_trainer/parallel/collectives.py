@@ -30,6 +30,11 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _transports: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# torch.compile (``--torch_compile``) must not trace into the TP collectives: the shared-memory
+# transport is stateful Python (sequence numbers, slot sets) that a graph would replay wrongly
+# (it did: a traced all-gather copied mismatched slots). Dynamo runs them eagerly between graphs.
+_opaque_to_compile = torch.compiler.disable
+
 
 def set_all_reduce_transport(group, transport) -> None:
     """Route the all-reduces on ``group`` through ``transport(tensor, op, out=None)`` and :func:`all_gather_rows`
@@ -79,6 +84,7 @@ def simulated_group(size: int, rank: int = 0) -> SimulatedGroup:
     return group
 
 
+@_opaque_to_compile
 def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In place: ``tensor = op over the ranks of group of tensor``; returns ``tensor`` (contiguous input).
 
@@ -92,6 +98,7 @@ def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Te
         return tensor
 
 
+@_opaque_to_compile
 def all_reduced_copy(tensor: torch.Tensor, group) -> torch.Tensor:
     """A new tensor: the sum of ``tensor`` over ``group``; ``tensor`` is left as it is.
 
@@ -130,6 +137,7 @@ class _Done:
         return self._out
 
 
+@_opaque_to_compile
 def start_all_reduced_copy(tensor: torch.Tensor, group):
     """Begin :func:`all_reduced_copy`; returns a handle whose ``wait()`` gives the sum.
 
@@ -148,6 +156,7 @@ def start_all_reduced_copy(tensor: torch.Tensor, group):
         return _BackendPending(out, dist.all_reduce(out, group=group, async_op=True))
 
 
+@_opaque_to_compile
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     """A new tensor ``cat([tensor of rank 0, rank 1, ...], dim=0)`` over ``group`` (equal shapes).
 

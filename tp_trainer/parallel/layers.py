@@ -243,9 +243,10 @@ def _zero_rows_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     ``index_fill_`` on the flat rows: a broadcast ``masked_fill_`` over ``[N, H]`` is not
     vectorised there (benchmark's ``[1024, 512]`` bf16 block, one core: 252 us against 82 us,
     and the same again in backward). ``index_fill_`` needs the row indices (``nonzero``, a host
-    synchronisation on accelerators), so elsewhere it stays ``masked_fill_``.
+    synchronisation on accelerators, a data-dependent shape under ``torch.compile``), so elsewhere
+    it stays ``masked_fill_``.
     """
-    if out.device.type != "cpu":
+    if out.device.type != "cpu" or torch.compiler.is_compiling():
         return out.masked_fill_(rows.unsqueeze(-1), 0.0)
     flat = out.view(-1, out.shape[-1])
     flat.index_fill_(0, rows.reshape(-1).nonzero().squeeze(1), 0.0)

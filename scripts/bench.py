@@ -4,6 +4,7 @@ Usage (the README's table comes from exactly this)::
 
     python scripts/bench.py --out bench.json                 # every layout, fp32 and bf16, peers if installed
     python scripts/bench.py --layouts single tp2 --dtypes fp32 --steps 3 --warmup 1 --peers none
+    python scripts/bench.py --layouts single tp2 --peers none --compile 1   # both torch.compile'd
 
 The parent process writes the initial model once (``save_pretrained`` of a seeded
 ``LlamaConfig``), then launches one ``torchrun --monitor-interval 5`` job per (runner, dtype)
@@ -40,6 +41,11 @@ Our layouts, the single process included, run causal attention through tp_traine
 its fused backward (``tp_trainer/parallel/rmsnorm.py``, which ``apply_tensor_parallel`` installs at
 every tp size), so the ``single / 2`` ideal has the same kernels as the TP layouts and the ratio
 measures only what TP adds; the peers run transformers' ``sdpa`` and norms as their users do.
+
+``--compile 1`` runs our layouts' forward and backward through ``torch.compile`` (the single
+process too, so ``single / 2`` stays like for like; the first warm-up step compiles), which is what
+``--torch_compile`` does to a ``TPTrainer``'s model; the peers are then refused (eager against
+compiled would not compare like with like).
 
 Every runner trains with the optimizer a default ``Trainer`` builds (``optim="adamw_torch_fused"``:
 ``torch.optim.AdamW(fused=True)``); DeepSpeed gets the same through ``torch_adam`` + ``fused``.
@@ -103,6 +109,7 @@ class BenchConfig:
     lr: float = 1e-3
     seed: int = 0
     threads: int = 1
+    compile: int = 0  # 1: torch.compile our layouts' models (the single process too), as --torch_compile does
 
 
 # ================================================================================ worker side
@@ -204,7 +211,7 @@ class _OurRun(_Run):
     """tp_trainer's layout ``tp`` x ZeRO-``zero`` on this rank; ``ctx`` (default: the launch's
     ``ParallelContext``) lets ``scripts/rank_share.py`` run rank 0 on a simulated TP group."""
 
-    def __init__(self, model_dir, dtype, tp, zero, lr, ctx=None):
+    def __init__(self, model_dir, dtype, tp, zero, lr, ctx=None, compiled=False):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -219,6 +226,7 @@ class _OurRun(_Run):
         use_cpu_attention(model, self.ctx.device)  # every layout, the single process included
         model.train()
         self.model = model
+        self._forward = torch.compile(model) if compiled else model  # compiles on the first (warm-up) step
         self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True),
                                     self.ctx, stage=zero)
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
@@ -238,7 +246,7 @@ class _OurRun(_Run):
         return None if shm is None else shm.wait_s
 
     def forward_backward(self, ids):
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self._forward(input_ids=ids, labels=ids).loss
         self._sample()
         loss.backward()
         self.opt.finish_grad_sync()
@@ -368,7 +376,7 @@ def worker(args) -> None:
     rss0 = _rss_bytes()
     if args.runner in LAYOUTS:
         _, tp, zero = LAYOUTS[args.runner]
-        run = _OurRun(args.model_dir, dtype, tp, zero, cfg.lr)
+        run = _OurRun(args.model_dir, dtype, tp, zero, cfg.lr, compiled=bool(cfg.compile))
     elif args.runner == "hf_native_tp":
         run = _HFNativeTPRun(args.model_dir, dtype, 2, cfg.lr)
     elif args.runner == "deepspeed_autotp":
@@ -658,6 +666,9 @@ def main(argv=None) -> int:
     if cfg.batch % 2:
         raise SystemExit(f"--batch {cfg.batch} must be even: the dp=2 layouts split it over 2 ranks")
     peers = _select_peers(args.peers)
+    if cfg.compile and peers:
+        raise SystemExit(f"--compile 1 compiles our layouts only; the peers ({', '.join(peers)}) would be compared "
+                         "eager against compiled. Add --peers none")
     layouts = ["single"] + [name for name in args.layouts if name != "single"]
     rows, failures = [], []
     with tempfile.TemporaryDirectory() as workdir:

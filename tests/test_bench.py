@@ -101,3 +101,10 @@ def test_short_real_run_passes_the_gate(bench, tmp_path):
     else:
         assert comm == {"all_reduce": activations, "all_gather": loss_gather}, comm
     assert rows["single"]["comm_bytes_per_rank"] == {} and "median_wait_s" not in rows["single"]
+
+
+def test_compile_refuses_eager_peers_before_any_work(bench, tmp_path):
+    # --compile 1 compiles our layouts only: a ratio to an eager peer would not compare like with like
+    with pytest.raises(SystemExit, match="--peers none"):
+        bench.main(["--compile", "1", "--peers", "hf_native_tp", "--out", str(tmp_path / "bench.json")])
+    assert not (tmp_path / "bench.json").exists()

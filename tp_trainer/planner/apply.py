@@ -61,17 +61,16 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
 
     ``split_norms``: compute the replicated per-token norms on ``1/tp`` of the tokens per rank
     (``parallel/norms.py``). ``None`` decides by :func:`_worth_splitting`; it is only possible
-    when the TP group has the shared-memory transport.
+    when the TP group has the shared-memory transport. At tp=1 nothing is sharded; the
+    RMSNorms still get the fused backward (``parallel/rmsnorm.py``).
     """
     if plan.tp_size != context.tp_size:
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
+    modules = dict(model.named_modules())
     if context.tp_size == 1:  # nothing to shard; the fused norms are a speed-up of their own (ZeRO-only runs)
-        modules = dict(model.named_modules())
-        fused = [name for name, mod in modules.items() if is_per_token_norm(mod) and fuse_rms_norm(mod)]
-        logger.debug(f"{len(fused)} RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
+        _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model
     group = context.tp_group
-    modules = dict(model.named_modules())
     emb_in = model.get_input_embeddings()
     new_embedding = None
     lm_head = None
@@ -127,8 +126,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     if lm_head is not None and hasattr(model, "loss_function"):
         model.loss_function = VocabParallelCausalLMLoss(lm_head)
     replicated_norms = _replicated_token_norms(plan, modules)
-    fused = [name for name in replicated_norms if fuse_rms_norm(modules[name])]
-    logger.debug(f"{len(fused)} replicated RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
+    _fuse_rms_norms(modules, replicated_norms)
     if all_reduce_transport(group) is not None:  # cheap all-gathers: split the replicated norms' tokens
         if split_norms is None:
             split_norms = _worth_splitting([modules[name] for name in replicated_norms], model)
@@ -141,6 +139,12 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
 
 
 _LINEAR_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT}
+
+
+def _fuse_rms_norms(modules: dict, names: list[str]) -> None:
+    """Give the named (replicated, per-token) norms the fused RMSNorm backward where it reproduces them."""
+    fused = [name for name in names if fuse_rms_norm(modules[name])]
+    logger.debug(f"{len(fused)} replicated RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
 
 
 def _replicated_token_norms(plan: Plan, modules: dict) -> list[str]:

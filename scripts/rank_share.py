@@ -31,9 +31,10 @@ what only two real processes add (waiting for each other, the transport, sharing
 Its losses are not a real rank's (the sums are not sums); only its time is used.
 
 ``--compile`` runs both models' forward (and its backward) through ``torch.compile`` (Inductor's
-C++ backend; the attention is then transformers' ``sdpa``, which compiles): how much of the share's
+C++ backend, through the same CPU attention kernel and fused norms): how much of the share's
 excess is per-op overhead and unfused elementwise passes that a compiled step removes (the
-third model is not compiled, so it is left out).
+third model is not compiled, so it is left out: compiled, our TP layers break the graph at every
+collective, see the README).
 ``--pair`` measures what the two processes of a real tp=2 job cost each other on the machine
 without communicating (shared caches, memory bandwidth, the hypervisor): that third model run
 alone, then in two processes at once.
@@ -71,9 +72,9 @@ def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     single = ParallelContext.single()
-    if not compiled:  # the kernels and optimizer of the benchmark's single process (bench._OurRun, tp=1)
-        use_cpu_attention(model, torch.device("cpu"))
-        apply_tensor_parallel(model, plan_tensor_parallel(model, 1), single)  # tp=1: the fused RMSNorms
+    # the kernels and optimizer of the benchmark's single process (bench._OurRun, tp=1); Dynamo traces both kernels
+    use_cpu_attention(model, torch.device("cpu"))
+    apply_tensor_parallel(model, plan_tensor_parallel(model, 1), single)  # tp=1: the fused RMSNorms
     model.train()
     opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True),
                            single, stage=0)

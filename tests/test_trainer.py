@@ -59,6 +59,7 @@ def train_once(out_dir, *, tp=1, zero=0, per_device=4, gas=1, trainer_cls="TPTra
         "eval_loss": trainer.evaluate()["eval_loss"],
         "predictions": torch.as_tensor(trainer.predict(make_dataset(N_EVAL, 5)).predictions),
         "wrapped": type(trainer.model_wrapped).__name__,
+        "summary": trainer.startup_summary() if getattr(trainer, "tp_active", False) else None,
     }
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     if hasattr(opt, "local_numel"):
@@ -146,6 +147,12 @@ def test_torch_compile_trains_like_eager(two_ranks):
         run = rank["tp2_zero1_compiled"]
         assert run["wrapped"] == "OptimizedModule"
         assert_same_run(run, ref)
+
+
+def test_startup_summary_says_when_zero_has_nothing_to_shard(two_ranks, four_ranks):
+    assert "dp=1: nothing to shard" in two_ranks[0]["tp2_zero1_compiled"]["summary"]  # tp=2 on 2 ranks: dp=1
+    assert "nothing to shard" not in two_ranks[0]["tp2"]["summary"]  # zero_stage=0
+    assert "nothing to shard" not in four_ranks[0]["tp2xdp2_zero1"]["summary"]  # dp=2: ZeRO shards
 
 
 def test_group_by_length_and_workers_feed_identical_batches(two_ranks):

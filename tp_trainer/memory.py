@@ -196,8 +196,9 @@ def bucket_shard_numel(param_numels: list[int], dp: int, bucket_numel: int = 2**
     return sum(padded // dp for _, padded in zero_buckets(param_numels, dp, bucket_numel))
 
 
-def _buckets(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]:
-    """:func:`zero_buckets` with the parameters themselves: ``(params, padded numel)``."""
+def zero_bucket_params(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]:
+    """:func:`zero_buckets` with the parameters themselves: ``(params, padded numel)`` (``ShardedOptimizer``'s
+    buckets, and the ones the estimate simulates)."""
     return [([params[i] for i in members], padded)
             for members, padded in zero_buckets([p.numel() for p in params], dp, bucket_numel)]
 
@@ -212,7 +213,7 @@ def _transient(*sizes: tuple[int, torch.dtype], device) -> None:
 def _zero2_hooks(params: list, dp: int, bucket_numel: int) -> list:
     """ZeRO-2 frees each bucket's gradients during backward, once the bucket is complete, after
     flattening them into an fp32 buffer and reduce-scattering it (``ShardedOptimizer._reduce_bucket_now``)."""
-    owner = {id(p): bucket for bucket in _buckets(params, dp, bucket_numel) for p in bucket[0]}
+    owner = {id(p): bucket for bucket in zero_bucket_params(params, dp, bucket_numel) for p in bucket[0]}
     ready: dict[int, set] = {}
 
     def hook(p):
@@ -240,7 +241,7 @@ def _sync_and_step(params: list, *, zero: int, dp: int, bucket_numel: int) -> No
         # the fp32 master gradients, beside the model's until the step's end
         _transient(*[(p.numel(), f32) for p in grads if p.dtype != f32], device=meta)
         return
-    for members, padded in _buckets(params, dp, bucket_numel):
+    for members, padded in zero_bucket_params(params, dp, bucket_numel):
         if zero == 1:  # flatten + reduce-scatter (ZeRO-2 did it in backward)
             _transient((padded, f32), (padded // dp if dp > 1 else 0, f32), device=meta)
         if dp > 1:  # write-back: the dp all-gather of the updated parameters (+ the shard cast to their dtype)

@@ -25,6 +25,7 @@ gradient norm counts every element of the unsharded model exactly once across th
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .memory import bucket_runs, zero_buckets
+from .memory import bucket_runs, zero_bucket_params
 from .parallel.collectives import all_gather_flat, all_reduce, free_now, reduce_scatter_flat
 from .parallel.context import ParallelContext
 from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
@@ -114,15 +115,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return masters
 
     def _build_buckets(self, bucket_numel: int):
-        """The ZeRO-1/2 buckets: ``memory.zero_buckets``' layout (reverse registration order, each run
+        """The ZeRO-1/2 buckets: ``memory.zero_bucket_params``' layout (reverse registration order, each run
         padded to a multiple of dp), the one ``tp-trainer estimate`` simulates."""
         self.buckets: list[_Bucket] = []
-        for members, padded in zero_buckets([p.numel() for p in self.params], self.dp, bucket_numel):
-            params = [self.params[i] for i in members]
-            offsets = [0]
-            for p in params[:-1]:
-                offsets.append(offsets[-1] + p.numel())
-            self.buckets.append(self._new_bucket(params, offsets, offsets[-1] + params[-1].numel(), padded))
+        for params, padded in zero_bucket_params(self.params, self.dp, bucket_numel):
+            ends = list(itertools.accumulate(p.numel() for p in params))
+            self.buckets.append(self._new_bucket(params, [0] + ends[:-1], ends[-1], padded))
         masters = []
         for b in self.buckets:
             masters.extend((piece.param, piece.master) for piece in b.pieces)

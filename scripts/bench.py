@@ -421,13 +421,18 @@ def worker(args) -> None:
 
 
 # ================================================================================ parent side
-def _write_model(cfg: BenchConfig, path: str) -> None:
+def _write_model(cfg: BenchConfig, path: str, *, tp_share: int = 1) -> None:
+    """Save the benchmark's seeded Llama to ``path``. ``tp_share`` > 1: the part of it one of that many
+    TP ranks holds, as a model of its own (heads, KV heads, MLP and vocabulary divided, head size
+    kept; ``scripts/rank_share.py``)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
-                         max_position_embeddings=max(cfg.seq, 2048), tie_word_embeddings=False)
+    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate // tp_share,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads // tp_share,
+                         num_key_value_heads=cfg.kv_heads // tp_share, head_dim=cfg.hidden // cfg.heads,
+                         vocab_size=cfg.vocab // tp_share, max_position_embeddings=max(cfg.seq, 2048),
+                         tie_word_embeddings=False)
     torch.manual_seed(cfg.seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
 

@@ -54,44 +54,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the model and batch of the benchmark)
 
 
-def _stepper(cfg: bench.BenchConfig, dtype, share: bool, compiled: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tp_trainer.parallel.attention import use_cpu_attention
+def _stepper(cfg: bench.BenchConfig, dtype, model_dir: str, *, share: bool, compiled: bool):
+    """The benchmark's single process (``bench._OurRun`` at tp=1: its kernels and optimizer) on the
+    full model, or on a tp=2 rank's share of it as a model of its own; written to ``model_dir``."""
     from tp_trainer.parallel.context import ParallelContext
-    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
-    from tp_trainer.zero import ShardedOptimizer
 
-    div = 2 if share else 1
-    config = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate // div,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads // div,
-                         num_key_value_heads=cfg.kv_heads // div, head_dim=cfg.hidden // cfg.heads,
-                         vocab_size=cfg.vocab // div, max_position_embeddings=max(cfg.seq, 2048),
-                         tie_word_embeddings=False)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    single = ParallelContext.single()
-    # the kernels and optimizer of the benchmark's single process (bench._OurRun, tp=1); Dynamo traces both kernels
-    use_cpu_attention(model, torch.device("cpu"))
-    apply_tensor_parallel(model, plan_tensor_parallel(model, 1), single)  # tp=1: the fused RMSNorms
-    model.train()
-    opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True),
-                           single, stage=0)
-    forward = torch.compile(model) if compiled else model
-
-    def step(i: int) -> float:
-        ids = bench._batch(cfg, i, 0, 1).remainder(config.vocab_size)
-        start = time.perf_counter()
-        forward(input_ids=ids, labels=ids).loss.backward()
-        opt.finish_grad_sync()
-        opt.clip_grad_norm(1.0)
-        opt.step()
-        opt.zero_grad()
-        return time.perf_counter() - start
-
-    step.model = model
-    return step
+    bench._write_model(cfg, model_dir, tp_share=2 if share else 1)
+    return _timed(bench._OurRun(model_dir, dtype, 1, 0, cfg.lr, ctx=ParallelContext.single(), compiled=compiled), cfg)
 
 
 def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
@@ -101,10 +70,17 @@ def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
     from tp_trainer.parallel.context import ParallelContext
 
     ctx = ParallelContext(tp_size=2, tp_rank=0, tp_group=simulated_group(2))
-    run = bench._instrument(bench._OurRun(model_dir, dtype, 2, 0, cfg.lr, ctx=ctx))
+    return _timed(bench._OurRun(model_dir, dtype, 2, 0, cfg.lr, ctx=ctx), cfg)
+
+
+def _timed(run, cfg: bench.BenchConfig):
+    """``step(i)``: one timed training step of ``run`` on the benchmark's batch ``i`` (ids folded into
+    the model's vocabulary, which a share model halves); ``step.model`` is its model."""
+    bench._instrument(run)
+    vocab = run.model.config.vocab_size
 
     def step(i: int) -> float:
-        ids = bench._batch(cfg, i, 0, 1)
+        ids = bench._batch(cfg, i, 0, 1).remainder(vocab)
         start = time.perf_counter()
         run.forward_backward(ids)
         run.finish_step()
@@ -138,11 +114,12 @@ def main(argv=None) -> int:
     if args.pair:
         return _pair(args)
     cfg, dtype = bench.BenchConfig(), _training_process(args.dtype)
-    steppers = {"full": _stepper(cfg, dtype, False, args.compile), "share": _stepper(cfg, dtype, True, args.compile)}
-    with tempfile.TemporaryDirectory() as model_dir:
+    with tempfile.TemporaryDirectory() as workdir:
+        full_dir = os.path.join(workdir, "full")  # the benchmark's model, which our rank 0 shards too
+        steppers = {"full": _stepper(cfg, dtype, full_dir, share=False, compiled=args.compile),
+                    "share": _stepper(cfg, dtype, os.path.join(workdir, "share"), share=True, compiled=args.compile)}
         if not args.compile:
-            bench._write_model(cfg, model_dir)
-            steppers["ours"] = _our_rank_stepper(cfg, dtype, model_dir)
+            steppers["ours"] = _our_rank_stepper(cfg, dtype, full_dir)
         times = {name: [] for name in steppers}
         for i in range(args.steps + 2):
             for name, step in steppers.items():

@@ -30,11 +30,10 @@ so that ``tp2 / (single / 2)`` from ``scripts/bench.py`` splits into the share, 
 what only two real processes add (waiting for each other, the transport, sharing the machine).
 Its losses are not a real rank's (the sums are not sums); only its time is used.
 
-``--compile`` runs both models' forward (and its backward) through ``torch.compile`` (Inductor's
-C++ backend, through the same CPU attention kernel and fused norms): how much of the share's
-excess is per-op overhead and unfused elementwise passes that a compiled step removes (the
-third model is not compiled, so it is left out: compiled, our TP layers break the graph at every
-collective, see the README).
+``--compile`` runs the three models' forward (and its backward) through ``torch.compile``
+(Inductor's C++ backend, through the same CPU attention kernel and fused norms; our rank's
+collectives are custom operators inside its graph): how much of the share's excess is per-op
+overhead and unfused elementwise passes that a compiled step removes.
 ``--pair`` measures what the two processes of a real tp=2 job cost each other on the machine
 without communicating (shared caches, memory bandwidth, the hypervisor): that third model run
 alone, then in two processes at once.
@@ -63,14 +62,14 @@ def _stepper(cfg: bench.BenchConfig, dtype, model_dir: str, *, share: bool, comp
     return _timed(bench._OurRun(model_dir, dtype, 1, 0, cfg.lr, ctx=ParallelContext.single(), compiled=compiled), cfg)
 
 
-def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str):
+def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str, *, compiled: bool = False):
     """Rank 0 of tp_trainer's tp=2 benchmark layout (``bench._OurRun``, the benchmark's own code
     path), on a simulated TP group (see the module docstring)."""
     from tp_trainer.parallel.collectives import simulated_group
     from tp_trainer.parallel.context import ParallelContext
 
     ctx = ParallelContext(tp_size=2, tp_rank=0, tp_group=simulated_group(2))
-    return _timed(bench._OurRun(model_dir, dtype, 2, 0, cfg.lr, ctx=ctx), cfg)
+    return _timed(bench._OurRun(model_dir, dtype, 2, 0, cfg.lr, ctx=ctx, compiled=compiled), cfg)
 
 
 def _timed(run, cfg: bench.BenchConfig):
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each model (after 2 warm-up)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models (about a minute to compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (about a minute to compile)")
     parser.add_argument("--pair", action="store_true",
                         help="instead: our rank without its peer in one process alone, then in two processes at once")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # --pair's worker processes
@@ -118,8 +117,7 @@ def main(argv=None) -> int:
         full_dir = os.path.join(workdir, "full")  # the benchmark's model, which our rank 0 shards too
         steppers = {"full": _stepper(cfg, dtype, full_dir, share=False, compiled=args.compile),
                     "share": _stepper(cfg, dtype, os.path.join(workdir, "share"), share=True, compiled=args.compile)}
-        if not args.compile:
-            steppers["ours"] = _our_rank_stepper(cfg, dtype, full_dir)
+        steppers["ours"] = _our_rank_stepper(cfg, dtype, full_dir, compiled=args.compile)
         times = {name: [] for name in steppers}
         for i in range(args.steps + 2):
             for name, step in steppers.items():
@@ -131,11 +129,10 @@ def main(argv=None) -> int:
           f"a tp=2 rank's share {statistics.median(ts) * 1e3:.0f} ms (fastest {min(ts) * 1e3:.0f})")
     print(f"share / (full / 2): {statistics.median(pairs):.3f} (median of {len(pairs)} alternating pairs), "
           f"{min(ts) / min(tf) * 2:.3f} (fastest steps)")
-    if "ours" in times:
-        to = times["ours"][2:]
-        print(f"our tp=2 rank 0 without its peer {statistics.median(to) * 1e3:.0f} ms (fastest {min(to) * 1e3:.0f}); "
-              f"our rank / share: {statistics.median([o / s for o, s in zip(to, ts)]):.3f} (median of pairs), "
-              f"{min(to) / min(ts):.3f} (fastest steps)")
+    to = times["ours"][2:]
+    print(f"our tp=2 rank 0 without its peer {statistics.median(to) * 1e3:.0f} ms (fastest {min(to) * 1e3:.0f}); "
+          f"our rank / share: {statistics.median([o / s for o, s in zip(to, ts)]):.3f} (median of pairs), "
+          f"{min(to) / min(ts):.3f} (fastest steps)")
     return 0
 
 

@@ -8,12 +8,15 @@ product sums two partial dot products, the vocab-parallel loss two partial exp-s
 moves results by a few ulps: atol 1e-5 on O(1) values.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import run_distributed
+from tp_trainer.parallel import collectives
 from tp_trainer.parallel.collectives import all_reduce_transport
 from tp_trainer.parallel.context import ParallelContext
 from tp_trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -43,7 +46,15 @@ def _spec(ctx, pad=False):
     return lambda shape, dim: contiguous_spec(shape, dim, ctx.tp_rank, ctx.tp_size, pad_to_multiple=pad)
 
 
-def _mlp_case(ctx, up, down, x):
+def _compiled(fn):
+    """``fn`` through Dynamo and AOTAutograd as one graph (``fullgraph``: a graph break is an error),
+    the TP collectives as custom operators in the forward and backward graphs. ``aot_eager`` skips
+    Inductor's code generation (seconds per graph); tests/test_trainer.py compiles with Inductor."""
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+def _mlp_case(ctx, up, down, x, compiled=False):
     """dense ``down(gelu(up(x)))`` vs column(up) -> row(down): max diffs of output and gradients."""
     xd = x.clone().requires_grad_(True)
     y_ref = down(F.gelu(up(xd)))
@@ -51,7 +62,8 @@ def _mlp_case(ctx, up, down, x):
     col = ColumnParallelLinear.from_module(up, _spec(ctx), ctx.tp_group)
     row = RowParallelLinear.from_module(down, _spec(ctx), ctx.tp_group)
     xt = x.clone().requires_grad_(True)
-    y = row(F.gelu(col(xt)))
+    mlp = (lambda a: row(F.gelu(col(a))))
+    y = (_compiled(mlp) if compiled else mlp)(xt)
     y.square().sum().backward()
     up_grad = gather_full(col.weight.grad, col.weight.tp_spec, ctx.tp_group)
     return {"y": _diff(y, y_ref), "dx": _diff(xt.grad, xd.grad), "dW_up": _diff(up_grad, up.weight.grad),
@@ -59,7 +71,7 @@ def _mlp_case(ctx, up, down, x):
             "db_down": _diff(row.bias.grad, down.bias.grad)}
 
 
-def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False):
+def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False):
     """q/k/v column-parallel layers reading one activation ``h = 2 x`` that a replicated path also
     reads (the residual stream): ``loss = sum over used outputs of (out * u)^2 + sum(h * r)``. The
     input gradients of the used layers are summed locally and all-reduced once (layers.py)."""
@@ -78,13 +90,32 @@ def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False):
 
     xd, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     loss(mods, up, xd).backward()
-    loss(tp_mods, tp_up, xt).backward()
+    with _counting_all_reduces() as reduces:
+        (_compiled(loss) if compiled else loss)(tp_mods, tp_up, xt).backward()
     diff = _rel_diff if autocast else _diff
     diffs = {"dx": diff(xt.grad, xd.grad)}
+    if compiled:  # the three input gradients summed before one all-reduce, as in eager
+        diffs["all_reduces_beyond_one"] = abs(len(reduces) - 1)
     for n in use:
         diffs[f"dW_{n}"] = diff(gather_full(tp_mods[n].weight.grad, tp_mods[n].weight.tp_spec, ctx.tp_group),
                                 mods[n].weight.grad)
     return diffs
+
+
+@contextlib.contextmanager
+def _counting_all_reduces():
+    """Lists the out-of-place TP all-reduces issued inside the block (compiled graphs' all go through it)."""
+    calls, inner = [], collectives._all_reduced_copy
+
+    def counted(tensor, group):
+        calls.append(tuple(tensor.shape))
+        return inner(tensor, group)
+
+    collectives._all_reduced_copy = counted
+    try:
+        yield calls
+    finally:
+        collectives._all_reduced_copy = inner
 
 
 def _rel_diff(a, b):
@@ -100,6 +131,8 @@ def _shared_input_cases(ctx):
     # both compute in bf16 and TP splits the output columns, so dx differs by bf16 rounding of the
     # partial products (2^-8 relative each): relative diffs, measured 2e-3, checked at AUTOCAST_RTOL.
     out["shared_input_autocast_bf16"] = _qkv_case(ctx, x, autocast=True)
+    # compiled, one f node (layers._copy_to_tp) serves the three layers: one all-reduce
+    out["shared_input_compiled"] = _qkv_case(ctx, x, compiled=True)
     # Without a replicated reader, an unused sibling leaves the input with no way to complete its gradient
     col = ColumnParallelLinear.from_module(nn.Linear(8, 4), _spec(ctx), ctx.tp_group)
     xt = x.clone().requires_grad_(True)
@@ -171,6 +204,8 @@ def layer_suite():
     out = {"transport": transport}
     out["linear"] = _mlp_case(ctx, nn.Linear(8, 12), nn.Linear(12, 8), x)
     out["conv1d"] = _mlp_case(ctx, Conv1D(12, 8), Conv1D(8, 12), x)
+    out["linear_compiled"] = _mlp_case(ctx, nn.Linear(8, 12), nn.Linear(12, 8), x, compiled=True)
+    out["conv1d_compiled"] = _mlp_case(ctx, Conv1D(12, 8), Conv1D(8, 12), x, compiled=True)
 
     # gather_output returns the full activation, equal to the dense one
     lin = nn.Linear(8, 6)
@@ -225,7 +260,7 @@ def layer_suite():
     from tp_trainer.parallel.grads import sync_partial_tp_grads
     from tp_trainer.parallel.norms import is_per_token_norm, split_norm_over_tokens
 
-    for tokens in ((2, 5), (3, 5)):
+    for tokens, compiled in (((2, 5), False), ((3, 5), False), ((3, 5), True)):
         norm = nn.LayerNorm(8)
         with torch.no_grad():
             norm.weight.normal_()
@@ -237,11 +272,11 @@ def layer_suite():
         xn = torch.randn(*tokens, 8)
         upstream = torch.randn(*tokens, 8)
         xd, xs = xn.clone().requires_grad_(True), xn.clone().requires_grad_(True)
-        yd, ys = norm(xd), split(xs)
+        yd, ys = norm(xd), (_compiled(split) if compiled else split)(xs)
         (yd * upstream).sum().backward()
         (ys * upstream).sum().backward()
         sync_partial_tp_grads(split.parameters(), ctx.tp_group)
-        out[f"token_split_norm_{tokens[0]}x{tokens[1]}"] = {
+        out[f"token_split_norm_{tokens[0]}x{tokens[1]}{'_compiled' if compiled else ''}"] = {
             "y": _diff(ys, yd), "dx": _diff(xs.grad, xd.grad), "dW": _diff(split.weight.grad, norm.weight.grad),
             "db": _diff(split.bias.grad, norm.bias.grad)}
     return out
@@ -258,7 +293,8 @@ def results(request):
 
 @pytest.mark.parametrize("case", ["linear", "conv1d", "gather_output", "embedding", "token_split_norm_2x5",
                                   "token_split_norm_3x5", "shared_input", "shared_input_unused_output",
-                                  "shared_input_autocast_bf16"])
+                                  "shared_input_autocast_bf16", "linear_compiled", "conv1d_compiled",
+                                  "shared_input_compiled", "token_split_norm_3x5_compiled"])
 def test_layer_matches_dense(results, case):
     tol = AUTOCAST_RTOL if "autocast" in case else ATOL
     for rank_result in results:

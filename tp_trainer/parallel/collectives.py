@@ -12,6 +12,14 @@ given a faster transport with :func:`set_all_reduce_transport` (done once, by
 ``shm.py``); every other group goes through ``torch.distributed``. The table is keyed weakly
 by the group object, so it holds no group alive and a destroyed group's entry disappears.
 
+Under ``torch.compile`` the two out-of-place collectives the TP layers call in forward and
+backward (:func:`all_reduced_copy`, :func:`all_gather_rows`) are custom operators,
+``tp_trainer::all_reduce_copy`` and ``tp_trainer::all_gather_rows``: Dynamo records them as
+opaque calls with fake kernels for the shapes, so a TP model compiles into one graph instead of
+breaking it at every collective, and Inductor runs them as extern calls in the traced order (the
+same program on every rank). They take the group by its name (``group.group_name``), resolved
+at run time here or by c10d. Eager calls skip the operator dispatch and call the transport.
+
 :func:`simulated_group` makes a stand-in TP group for one rank of a world that does not exist:
 its collectives allocate exactly what a real rank's would and communicate nothing (the sums
 are not sums). The memory estimate (``tp_trainer/memory.py``) runs the TP layers of rank 0 on
@@ -32,8 +40,10 @@ _transports: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # torch.compile (``--torch_compile``) must not trace into the TP collectives: the shared-memory
 # transport is stateful Python (sequence numbers, slot sets) that a graph would replay wrongly
-# (it did: a traced all-gather copied mismatched slots). Dynamo runs them eagerly between graphs.
+# (it did: a traced all-gather copied mismatched slots). The ones the TP layers call go through
+# custom operators when compiling (see the module docstring); the others run eagerly between graphs.
 _opaque_to_compile = torch.compiler.disable
+_named_groups: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # the groups c10d cannot resolve
 
 
 def set_all_reduce_transport(group, transport) -> None:
@@ -43,6 +53,7 @@ def set_all_reduce_transport(group, transport) -> None:
         _transports.pop(group, None)
     else:
         _transports[group] = transport
+        _named_groups[group.group_name] = group
 
 
 def all_reduce_transport(group):
@@ -51,10 +62,11 @@ def all_reduce_transport(group):
 
 
 class SimulatedGroup:
-    """What the TP layers ask of a process group (``size()``, ``rank()``), for :func:`simulated_group`."""
+    """What the TP layers ask of a process group (``size()``, ``rank()``, ``group_name``), for :func:`simulated_group`."""
 
     def __init__(self, size: int, rank: int = 0):
         self._size, self._rank = size, rank
+        self.group_name = f"tp_trainer_simulated_{id(self):x}"
 
     def size(self) -> int:
         return self._size
@@ -98,7 +110,6 @@ def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Te
         return tensor
 
 
-@_opaque_to_compile
 def all_reduced_copy(tensor: torch.Tensor, group) -> torch.Tensor:
     """A new tensor: the sum of ``tensor`` over ``group``; ``tensor`` is left as it is.
 
@@ -106,6 +117,12 @@ def all_reduced_copy(tensor: torch.Tensor, group) -> torch.Tensor:
     shared-memory transport the sum is written straight into the new tensor (no extra copy of
     ``tensor``); on the backend it is ``clone()`` + in-place all-reduce.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.tp_trainer.all_reduce_copy(tensor, group.group_name)
+    return _all_reduced_copy(tensor, group)
+
+
+def _all_reduced_copy(tensor: torch.Tensor, group) -> torch.Tensor:
     with record_function("tp_trainer::all_reduce"):
         tensor = tensor.contiguous()
         transport = _transports.get(group)
@@ -156,12 +173,17 @@ def start_all_reduced_copy(tensor: torch.Tensor, group):
         return _BackendPending(out, dist.all_reduce(out, group=group, async_op=True))
 
 
-@_opaque_to_compile
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     """A new tensor ``cat([tensor of rank 0, rank 1, ...], dim=0)`` over ``group`` (equal shapes).
 
     Named ``tp_trainer::all_gather`` in profiler traces.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.tp_trainer.all_gather_rows(tensor, group.group_name, group.size())
+    return _all_gather_rows(tensor, group)
+
+
+def _all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     with record_function("tp_trainer::all_gather"):
         transport = _transports.get(group)
         if transport is not None:
@@ -171,6 +193,33 @@ def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
                           device=tensor.device)
         all_gather_flat(out, tensor, group)
         return out
+
+
+def _group_named(name: str):
+    group = _named_groups.get(name)
+    return group if group is not None else dist.distributed_c10d._resolve_process_group(name)
+
+
+@torch.library.custom_op("tp_trainer::all_reduce_copy", mutates_args=())
+def _all_reduce_copy_op(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    """:func:`all_reduced_copy` as an operator for compiled graphs."""
+    return _all_reduced_copy(tensor, _group_named(group_name))
+
+
+@_all_reduce_copy_op.register_fake
+def _(tensor, group_name):
+    return tensor.new_empty(tensor.shape)
+
+
+@torch.library.custom_op("tp_trainer::all_gather_rows", mutates_args=())
+def _all_gather_rows_op(tensor: torch.Tensor, group_name: str, group_size: int) -> torch.Tensor:
+    """:func:`all_gather_rows` as an operator for compiled graphs."""
+    return _all_gather_rows(tensor, _group_named(group_name))
+
+
+@_all_gather_rows_op.register_fake
+def _(tensor, group_name, group_size):
+    return tensor.new_empty((group_size * tensor.shape[0], *tensor.shape[1:]))
 
 
 def free_now(*tensors: torch.Tensor) -> None:

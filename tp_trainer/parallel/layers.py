@@ -119,6 +119,32 @@ def _input_grad_sum(x: torch.Tensor, group) -> _InputGradSum:
     return state
 
 
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's ``f`` on its own: identity forward, all-reduce of the input gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduced_copy(grad, ctx.group), None
+
+
+def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """``f(x)``, one node for all the column-parallel layers reading ``x`` (memoised on ``x``), so that
+    autograd sums their input gradients before the one all-reduce. The compiled form of
+    :class:`_ColumnLinear`'s sharing: Dynamo traces an attribute memo on a tensor, not
+    :class:`_InputGradSum`'s counters and hook, and Inductor fuses the sum into the matmuls."""
+    memo = getattr(x, "_tp_copy", None)
+    if memo is not None and memo[0] is group:
+        return memo[1]
+    fx = _CopyToTP.apply(x, group)
+    x._tp_copy = (group, fx)
+    return fx
+
+
 class _ColumnLinear(torch.autograd.Function):
     """``y = x W^T + b`` (``x W + b`` for ``Conv1D``) with Megatron's ``f`` folded in and overlapped:
 
@@ -192,7 +218,11 @@ class ColumnParallelLinear(nn.Module):
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input and self.tp_group is not None and torch.is_grad_enabled() and x.requires_grad:
-            return _ColumnLinear.apply(x, self.weight, self.bias, self.transposed, _input_grad_sum(x, self.tp_group))
+            if torch.compiler.is_compiling():
+                x = _copy_to_tp(x, self.tp_group)
+            else:
+                return _ColumnLinear.apply(x, self.weight, self.bias, self.transposed,
+                                           _input_grad_sum(x, self.tp_group))
         if self.transposed:  # no input gradient needed: no communication at all
             y = x @ self.weight
             return y + self.bias if self.bias is not None else y
@@ -292,9 +322,10 @@ class VocabParallelEmbedding(nn.Module):
         """Refuse ids outside ``[0, num_embeddings)`` as ``nn.Embedding`` does. Without the check a
         sharded lookup maps them to zero vectors on every rank (each rank masks ids it does not
         own), silently, e.g. when a tokenizer's vocabulary outgrew the model's. On CPU the check
-        raises here; on accelerators it is a device-side assert (no host synchronisation)."""
+        raises here; on accelerators it is a device-side assert (no host synchronisation), and
+        so it is in compiled graphs."""
         bad = (ids < 0) | (ids >= self.num_embeddings)
-        if ids.device.type != "cpu":
+        if ids.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: no graph break on CPU either
             torch._assert_async(~bad.any(), "token id out of range of the vocabulary")
         elif bool(bad.any()):
             first = int(ids[bad][0])

@@ -62,6 +62,7 @@ def train_once(out_dir, *, tp=1, zero=0, per_device=4, gas=1, trainer_cls="TPTra
         "eval_loss": trainer.evaluate()["eval_loss"],
         "predictions": torch.as_tensor(trainer.predict(make_dataset(N_EVAL, 5)).predictions),
         "wrapped": type(trainer.model_wrapped).__name__,
+        "checkpointing": trainer.model.is_gradient_checkpointing,
         "summary": trainer.startup_summary() if getattr(trainer, "tp_active", False) else None,
         "graph_breaks": dict(graph_breaks),  # training, evaluate and predict (eager runs: none to count)
     }
@@ -99,6 +100,7 @@ TWO_RANK_RUNS = {
     "tp2_zero2_bf16_autocast": dict(tp=2, zero=2, bf16=True),
     "tp2_group_by_length_workers": dict(tp=2, train_sampling_strategy="group_by_length", dataloader_num_workers=1),
     "tp2_zero1_compiled": dict(tp=2, zero=1, torch_compile=True),
+    "tp2_zero1_checkpointing_bf16": dict(tp=2, zero=1, gradient_checkpointing=True, model_dtype=torch.bfloat16),
     "tp1_dropin": dict(tp=1, per_device=2),
     "dp2_plain_trainer": dict(trainer_cls="Trainer", per_device=4),  # the dp-only reference of the 4-rank runs
 }
@@ -153,6 +155,18 @@ def test_torch_compile_trains_like_eager(two_ranks):
         assert run["wrapped"] == "OptimizedModule"
         assert run["graph_breaks"] == {}
         assert_same_run(run, ref)
+
+
+def test_gradient_checkpointing_recomputes_the_tp_forward(two_ranks):
+    # --gradient_checkpointing: every decoder layer's forward, TP collectives, shared q/k/v input
+    # gradient and token-split norms included (bf16 weights: the shared-memory transport splits the
+    # norms), runs again inside backward, in the same order on every rank. Recomputing changes no
+    # value: the losses equal the same TP run without checkpointing, bit for bit.
+    for rank in two_ranks:
+        assert rank["tp2_zero1_checkpointing_bf16"]["checkpointing"]
+        assert not rank["tp2_zero1_bf16_weights"]["checkpointing"]
+        assert rank["tp2_zero1_checkpointing_bf16"]["losses"] == rank["tp2_zero1_bf16_weights"]["losses"]
+        assert rank["tp2_zero1_checkpointing_bf16"]["norms"] == rank["tp2_zero1_bf16_weights"]["norms"]
 
 
 def test_startup_summary_says_when_zero_has_nothing_to_shard(two_ranks, four_ranks):

@@ -62,7 +62,7 @@ def train_once(out_dir, *, tp=1, zero=0, per_device=4, gas=1, trainer_cls="TPTra
         "eval_loss": trainer.evaluate()["eval_loss"],
         "predictions": torch.as_tensor(trainer.predict(make_dataset(N_EVAL, 5)).predictions),
         "wrapped": type(trainer.model_wrapped).__name__,
-        "checkpointing": trainer.model.is_gradient_checkpointing,
+        "checkpointing": trainer.model.is_activation_checkpointing,
         "summary": trainer.startup_summary() if getattr(trainer, "tp_active", False) else None,
         "graph_breaks": dict(graph_breaks),  # training, evaluate and predict (eager runs: none to count)
     }

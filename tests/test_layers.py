@@ -71,10 +71,11 @@ def _mlp_case(ctx, up, down, x, compiled=False):
             "db_down": _diff(row.bias.grad, down.bias.grad)}
 
 
-def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False):
+def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False, all_reduces=None):
     """q/k/v column-parallel layers reading one activation ``h = 2 x`` that a replicated path also
     reads (the residual stream): ``loss = sum over used outputs of (out * u)^2 + sum(h * r)``. The
-    input gradients of the used layers are summed locally and all-reduced once (layers.py)."""
+    input gradients of the used layers are summed locally and all-reduced once (layers.py).
+    ``all_reduces``: a list that receives the shapes of the out-of-place all-reduces of the TP run."""
     torch.manual_seed(1)
     mods = {"q": nn.Linear(8, 8), "k": nn.Linear(8, 4), "v": nn.Linear(8, 4, bias=False)}
     up = {n: torch.randn(3, 5, m.out_features) for n, m in mods.items()}
@@ -92,10 +93,10 @@ def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False):
     loss(mods, up, xd).backward()
     with _counting_all_reduces() as reduces:
         (_compiled(loss) if compiled else loss)(tp_mods, tp_up, xt).backward()
+    if all_reduces is not None:
+        all_reduces.extend(reduces)
     diff = _rel_diff if autocast else _diff
     diffs = {"dx": diff(xt.grad, xd.grad)}
-    if compiled:  # the three input gradients summed before one all-reduce, as in eager
-        diffs["all_reduces_beyond_one"] = abs(len(reduces) - 1)
     for n in use:
         diffs[f"dW_{n}"] = diff(gather_full(tp_mods[n].weight.grad, tp_mods[n].weight.tp_spec, ctx.tp_group),
                                 mods[n].weight.grad)
@@ -131,8 +132,8 @@ def _shared_input_cases(ctx):
     # both compute in bf16 and TP splits the output columns, so dx differs by bf16 rounding of the
     # partial products (2^-8 relative each): relative diffs, measured 2e-3, checked at AUTOCAST_RTOL.
     out["shared_input_autocast_bf16"] = _qkv_case(ctx, x, autocast=True)
-    # compiled, one f node (layers._copy_to_tp) serves the three layers: one all-reduce
-    out["shared_input_compiled"] = _qkv_case(ctx, x, compiled=True)
+    reduces = out["shared_input_compiled_all_reduces"] = []
+    out["shared_input_compiled"] = _qkv_case(ctx, x, compiled=True, all_reduces=reduces)
     # Without a replicated reader, an unused sibling leaves the input with no way to complete its gradient
     col = ColumnParallelLinear.from_module(nn.Linear(8, 4), _spec(ctx), ctx.tp_group)
     xt = x.clone().requires_grad_(True)
@@ -300,6 +301,13 @@ def test_layer_matches_dense(results, case):
     for rank_result in results:
         for quantity, diff in rank_result[case].items():
             assert diff < tol, f"{case}.{quantity}: max |tp - dense| = {diff}"
+
+
+def test_compiled_qkv_layers_share_one_input_gradient_all_reduce(results):
+    # compiled, one f node (layers._copy_to_tp) serves q, k and v: autograd sums their partial input
+    # gradients, [3, 5, 8], before a single all-reduce, as the eager layers do
+    for rank_result in results:
+        assert rank_result["shared_input_compiled_all_reduces"] == [(3, 5, 8)]
 
 
 def test_vocab_parallel_embedding_refuses_ids_outside_the_vocabulary(results):

@@ -147,7 +147,7 @@ def test_bf16_autocast_tracks_the_autocast_reference(two_ranks):
 def test_torch_compile_trains_like_eager(two_ranks):
     # --torch_compile: the TP model compiles into whole graphs, its collectives custom operators
     # inside them (a traced shared-memory all-gather once copied mismatched slots and crashed; run
-    # eagerly between graphs, they broke the graph ~30 times a step). Inductor's fused kernels
+    # eagerly between graphs, they broke the graph at every collective). Inductor's fused kernels
     # reorder fp32 sums only, within the file's 1e-4.
     ref = reference()
     for rank in two_ranks:

@@ -62,7 +62,8 @@ def all_reduce_transport(group):
 
 
 class SimulatedGroup:
-    """What the TP layers ask of a process group (``size()``, ``rank()``, ``group_name``), for :func:`simulated_group`."""
+    """What the TP layers ask of a process group (``size()``, ``rank()``, ``group_name``), for
+    :func:`simulated_group`."""
 
     def __init__(self, size: int, rank: int = 0):
         self._size, self._rank = size, rank

@@ -69,3 +69,19 @@ def test_views_and_in_place_ops_allocate_nothing():
         x.add_(1)  # any op releases what died before it
         assert live.current == 0
     assert live.peak == 4000 and y.shape == (100, 10)
+
+
+def test_a_buffer_emptied_in_place_counts_at_its_new_size():
+    # collectives.free_now empties communication buffers that a gloo work object may still hold (here:
+    # `held`); their memory is back with the allocator, so they stop counting at the next op
+    from tp_trainer.parallel.collectives import free_now
+
+    x = torch.ones(1000)
+    with LiveTensorBytes() as live:
+        flat = x * 2
+        held = [flat[500:]]  # a view, as gloo's work holds the tensors it was given
+        free_now(flat)
+        del flat
+        x.add_(1)
+        assert live.current == 0
+    assert live.peak == 4000 and held[0].untyped_storage().nbytes() == 0

@@ -100,7 +100,7 @@ TWO_RANK_RUNS = {
     "tp2_zero2_bf16_autocast": dict(tp=2, zero=2, bf16=True),
     "tp2_group_by_length_workers": dict(tp=2, train_sampling_strategy="group_by_length", dataloader_num_workers=1),
     "tp2_zero1_compiled": dict(tp=2, zero=1, torch_compile=True),
-    "tp2_zero1_checkpointing_bf16": dict(tp=2, zero=1, gradient_checkpointing=True, model_dtype=torch.bfloat16),
+    "tp2_zero1_checkpointing_bf16": dict(tp=2, zero=1, activation_checkpointing=True, model_dtype=torch.bfloat16),
     "tp1_dropin": dict(tp=1, per_device=2),
     "dp2_plain_trainer": dict(trainer_cls="Trainer", per_device=4),  # the dp-only reference of the 4-rank runs
 }
@@ -157,8 +157,8 @@ def test_torch_compile_trains_like_eager(two_ranks):
         assert_same_run(run, ref)
 
 
-def test_gradient_checkpointing_recomputes_the_tp_forward(two_ranks):
-    # --gradient_checkpointing: every decoder layer's forward, TP collectives, shared q/k/v input
+def test_activation_checkpointing_recomputes_the_tp_forward(two_ranks):
+    # --activation_checkpointing (--gradient_checkpointing before transformers 5): every decoder layer's forward, TP collectives, shared q/k/v input
     # gradient and token-split norms included (bf16 weights: the shared-memory transport splits the
     # norms), runs again inside backward, in the same order on every rank. Recomputing changes no
     # value: the losses equal the same TP run without checkpointing, bit for bit.

@@ -43,6 +43,8 @@ allocator's caching and fragmentation.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -67,6 +69,7 @@ class MemoryEstimate:
     batch: int
     seq: int
     device: str
+    checkpointing: bool     # activation checkpointing: each decoder layer's forward recomputed in backward
     total_params: int       # elements of the unsharded model
     local_params: int       # P: elements one TP rank holds
     params: int
@@ -95,13 +98,14 @@ class MemoryEstimate:
                 ("optimizer states", self.optimizer), ("activations (saved for backward)", self.activations),
                 ("peak of a training step", self.peak)]
         head = (f"{self.model_type}: {self.total_params / 1e9:.2f} B parameters; tp={self.tp} dp={self.dp} "
-                f"zero={self.zero} {self.dtype} on {self.device}, micro-batch {self.batch} x {self.seq} per rank; "
+                f"zero={self.zero} {self.dtype} on {self.device}, micro-batch {self.batch} x {self.seq} per rank"
+                f"{', activation checkpointing' if self.checkpointing else ''}; "
                 f"{self.local_params / 1e9:.3f} B parameters on each rank")
         lines = [head] + [f"  {name:<34}{value / scale:>9.2f} {unit}" for name, value in rows]
         return "\n".join(lines)
 
 
-def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda"):
+def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda", checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     from .parallel.attention import use_cpu_attention
@@ -121,6 +125,8 @@ def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda
         use_cpu_attention(model, torch.device("cpu"))
     else:
         _use_gpu_attention_model(model)
+    if checkpointing:  # what --activation_checkpointing does, with the Trainer's default (non-reentrant)
+        model.activation_checkpointing_enable()
     return model
 
 
@@ -269,12 +275,14 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
     hooks = _zero2_hooks(params, dp, bucket_numel) if zero == 2 else []
     model.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with torch.no_grad():  # fills what the code caches across steps (the CPU attention's block masks)
-        model(input_ids=ids)
+    # checkpointing runs without a KV cache (transformers turns it off, with a warning, if asked for one)
+    kwargs = {"use_cache": False} if model.is_activation_checkpointing else {}
     try:
-        with LiveTensorBytes() as live:
+        with torch.no_grad(), _no_packed_sequences():  # fills what the code caches across steps (the CPU attention's block masks)
+            model(input_ids=ids, **kwargs)
+        with LiveTensorBytes() as live, _no_packed_sequences():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, **kwargs).loss
             activations = sum(saved.values())
             loss.backward()
             del loss
@@ -287,8 +295,23 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
     return activations, live.peak
 
 
+@contextlib.contextmanager
+def _no_packed_sequences():
+    """Tell transformers' mask code that the simulated batch holds no packed sequences, as a real
+    batch of plain ``input_ids`` does: without a KV cache (activation checkpointing turns it off)
+    it looks for packing in the position ids, a data-dependent test ``meta`` tensors cannot answer."""
+    from transformers import masking_utils
+
+    find = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
 def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
-                    device: str = "cuda", bucket_numel: int = 2**24) -> MemoryEstimate:
+                    device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False) -> MemoryEstimate:
     """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -304,7 +327,7 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     with torch.device("meta"):
         total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch_dtype).parameters())
-    model = _sharded_meta_model(config, tp, torch_dtype, device)
+    model = _sharded_meta_model(config, tp, torch_dtype, device, checkpointing)
     numels = [p.numel() for p in model.parameters() if p.requires_grad]
     local = sum(p.numel() for p in model.parameters())
     if zero == 0:
@@ -318,7 +341,7 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
         optimizer = 4 * (1 + ADAM_STATES) * shard
     activations, step_peak = simulate_step(model, batch=batch, seq=seq, zero=zero, dp=dp, bucket_numel=bucket_numel)
     return MemoryEstimate(model_type=config.model_type, tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq,
-                          device=device, total_params=total_params, local_params=local, params=local * b,
+                          device=device, checkpointing=checkpointing, total_params=total_params, local_params=local, params=local * b,
                           grads=grads, optimizer=optimizer, activations=activations,
                           persistent=local * b + optimizer + flat_grad_shard, step_peak=step_peak)
 

@@ -7,7 +7,9 @@ while the mode is active, from the op that returns it until Python frees its las
     peak    = max over t of live(t)
 
 An op output counts as created unless the op's schema marks it as an alias of an input (views,
-in-place and ``out=`` ops return storage that already exists). Storages that existed before
+in-place and ``out=`` ops return storage that already exists). A storage resized in place counts
+at its new size: ``collectives.free_now`` empties buffers that a gloo work object still references,
+and their memory is back with the allocator at once. Storages that existed before
 (parameters, optimizer states, communication buffers) are never counted, so ``peak`` is what a
 training step needs on top of what it starts with: activations, temporaries, gradients as
 backward creates them. It does not see memory an op allocates and frees inside its kernel
@@ -22,6 +24,8 @@ No communication.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,7 +37,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage id -> (weak ref, nbytes)
+        # storage pointer -> (weak ref to the storage, weak ref to its Python object, nbytes counted)
+        self._live: dict[int, tuple[StorageWeakRef, weakref.ref, int]] = {}
         self.current = 0
         self.peak = 0
 
@@ -55,13 +60,23 @@ class LiveTensorBytes(TorchDispatchMode):
         storage = t.untyped_storage()
         ref = StorageWeakRef(storage)
         if ref.cdata not in self._live:
-            self._live[ref.cdata] = (ref, storage.nbytes())
+            self._live[ref.cdata] = (ref, weakref.ref(storage), storage.nbytes())
             self.current += storage.nbytes()
 
     def _release_dead(self) -> None:
-        dead = [key for key, (ref, _) in self._live.items() if ref.expired()]
-        for key in dead:
-            self.current -= self._live.pop(key)[1]
+        """Uncount the storages freed since the last op, and those resized in place. A storage is dead
+        when its C++ object is (``StorageWeakRef``); its size is read from its Python object while
+        that lives (torch keeps it while Python code holds the storage or a tensor on it; a buffer
+        that only a gloo work object still holds may have lost it, and keeps its counted size)."""
+        for key, (ref, obj, counted) in list(self._live.items()):
+            if ref.expired():
+                self.current -= counted
+                del self._live[key]
+                continue
+            storage = obj()
+            if storage is not None and storage.nbytes() != counted:
+                self.current += storage.nbytes() - counted
+                self._live[key] = (ref, obj, storage.nbytes())
 
     def reset_peak(self) -> None:
         """Forget earlier peaks: ``peak`` restarts from what is live now."""

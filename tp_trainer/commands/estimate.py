@@ -7,6 +7,8 @@ built on the ``meta`` device from its config, sharded by the real planner, and o
 step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the attention kernel
 whose saved tensors count (``cuda``: flash / memory-efficient SDPA; ``cpu``: tp_trainer's CPU
 kernel). ``--compare`` adds one line per ZeRO stage for the same tp x dp.
+``--activation-checkpointing``: the Trainer's ``--activation_checkpointing`` (each decoder layer
+keeps only its input for backward and recomputes its forward there).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="where it trains: decides the attention kernel (default: cuda)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="with the Trainer's --activation_checkpointing (decoder layers recomputed in backward)")
     parser.add_argument("--compare", action="store_true", help="also print the peaks of ZeRO 0/1/2")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
@@ -47,7 +51,8 @@ def main(argv: list[str]) -> int:
 
     try:
         config = load_config(args.model)
-        layout = dict(tp=args.tp, dp=args.dp, dtype=args.dtype, batch=args.batch, seq=args.seq, device=args.device)
+        layout = dict(tp=args.tp, dp=args.dp, dtype=args.dtype, batch=args.batch, seq=args.seq, device=args.device,
+                      checkpointing=args.activation_checkpointing)
         est = estimate_memory(config, zero=args.zero, **layout)
         others = [estimate_memory(config, zero=z, **layout) for z in (0, 1, 2) if args.compare and z != args.zero]
     except (ValueError, PlanError, OSError) as err:

@@ -44,7 +44,6 @@ allocator's caching and fragmentation.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import asdict, dataclass
 
@@ -278,7 +277,7 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
     # checkpointing runs without a KV cache (transformers turns it off, with a warning, if asked for one)
     kwargs = {"use_cache": False} if model.is_activation_checkpointing else {}
     try:
-        with torch.no_grad(), _no_packed_sequences():  # fills what the code caches across steps (the CPU attention's block masks)
+        with torch.no_grad(), _no_packed_sequences():  # fills what the code caches across steps (CPU attention masks)
             model(input_ids=ids, **kwargs)
         with LiveTensorBytes() as live, _no_packed_sequences():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -341,8 +340,8 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
         optimizer = 4 * (1 + ADAM_STATES) * shard
     activations, step_peak = simulate_step(model, batch=batch, seq=seq, zero=zero, dp=dp, bucket_numel=bucket_numel)
     return MemoryEstimate(model_type=config.model_type, tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq,
-                          device=device, checkpointing=checkpointing, total_params=total_params, local_params=local, params=local * b,
-                          grads=grads, optimizer=optimizer, activations=activations,
+                          device=device, checkpointing=checkpointing, total_params=total_params, local_params=local,
+                          params=local * b, grads=grads, optimizer=optimizer, activations=activations,
                           persistent=local * b + optimizer + flat_grad_shard, step_peak=step_peak)
 
 

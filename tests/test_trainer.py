@@ -158,10 +158,11 @@ def test_torch_compile_trains_like_eager(two_ranks):
 
 
 def test_activation_checkpointing_recomputes_the_tp_forward(two_ranks):
-    # --activation_checkpointing (--gradient_checkpointing before transformers 5): every decoder layer's forward, TP collectives, shared q/k/v input
-    # gradient and token-split norms included (bf16 weights: the shared-memory transport splits the
-    # norms), runs again inside backward, in the same order on every rank. Recomputing changes no
-    # value: the losses equal the same TP run without checkpointing, bit for bit.
+    # --activation_checkpointing (--gradient_checkpointing before transformers 5): every decoder
+    # layer's forward, TP collectives, shared q/k/v input gradient and token-split norms included
+    # (bf16 weights: the shared-memory transport splits the norms), runs again inside backward, in
+    # the same order on every rank. Recomputing changes no value: the losses equal the same TP run
+    # without checkpointing, bit for bit.
     for rank in two_ranks:
         assert rank["tp2_zero1_checkpointing_bf16"]["checkpointing"]
         assert not rank["tp2_zero1_bf16_weights"]["checkpointing"]

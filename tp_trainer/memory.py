@@ -277,17 +277,18 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
     # checkpointing runs without a KV cache (transformers turns it off, with a warning, if asked for one)
     kwargs = {"use_cache": False} if model.is_activation_checkpointing else {}
     try:
-        with torch.no_grad(), _no_packed_sequences():  # fills what the code caches across steps (CPU attention masks)
-            model(input_ids=ids, **kwargs)
-        with LiveTensorBytes() as live, _no_packed_sequences():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=ids, labels=ids, **kwargs).loss
-            activations = sum(saved.values())
-            loss.backward()
-            del loss
-            _sync_and_step(params, zero=zero, dp=dp, bucket_numel=bucket_numel)
-            for p in params:
-                p.grad = None
+        with _no_packed_sequences():
+            with torch.no_grad():  # fills what the code caches across steps (the CPU attention's block masks)
+                model(input_ids=ids, **kwargs)
+            with LiveTensorBytes() as live:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+                activations = sum(saved.values())
+                loss.backward()
+                del loss
+                _sync_and_step(params, zero=zero, dp=dp, bucket_numel=bucket_numel)
+                for p in params:
+                    p.grad = None
     finally:
         for h in hooks:
             h.remove()

@@ -83,8 +83,9 @@ class TPTrainer(Trainer):
         idle_zero = " (dp=1: nothing to shard, zero_stage=0 is leaner)" if args.zero_stage and ctx.dp_size == 1 else ""
         return (f"{ctx.describe()}\n"
                 f"  plan: {self.tp_plan.summary()}{kernels}\n"
-                f"  zero_stage={args.zero_stage}{idle_zero}; global batch = {args.per_device_train_batch_size} per device x "
-                f"dp {ctx.dp_size} x grad accum {args.gradient_accumulation_steps} = {gbs}\n"
+                f"  zero_stage={args.zero_stage}{idle_zero}; "
+                f"global batch = {args.per_device_train_batch_size} per device x dp {ctx.dp_size} x grad accum "
+                f"{args.gradient_accumulation_steps} = {gbs}\n"
                 f"  parameters on this rank: {local:,} of {self._full_param_count:,} "
                 f"({local / max(1, self._full_param_count):.1%})")
 

@@ -38,15 +38,15 @@ def rank_share():
 def test_share_model_holds_exactly_what_our_tp2_rank_holds(rank_share, tmp_path):
     bench = rank_share.bench
     cfg = bench.BenchConfig(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=256, batch=2, seq=32)
-    bench._write_model(cfg, str(tmp_path / "model"))
+    # as rank_share.main: our rank 0 shards the directory the full model was written to
+    full = rank_share._stepper(cfg, torch.float32, str(tmp_path / "full"), share=False, compiled=False)
     share = rank_share._stepper(cfg, torch.float32, str(tmp_path / "share"), share=True, compiled=False)
-    ours = rank_share._our_rank_stepper(cfg, torch.float32, str(tmp_path / "model"))
+    ours = rank_share._our_rank_stepper(cfg, torch.float32, str(tmp_path / "full"))
 
     def shapes(model):
         return collections.Counter(tuple(p.shape) for p in model.parameters())
 
     assert shapes(share.model) == shapes(ours.model)
-    full = rank_share._stepper(cfg, torch.float32, str(tmp_path / "full"), share=False, compiled=False)
     n_full, n_share = (sum(p.numel() for p in m.parameters()) for m in (full.model, share.model))
     norms = (2 * cfg.layers + 1) * cfg.hidden  # replicated on every rank: the share keeps them whole
     assert n_share == (n_full - norms) // 2 + norms

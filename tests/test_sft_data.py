@@ -138,16 +138,29 @@ def test_labels_mask_exactly_the_prompt(tok, records):
 
 
 @pytest.fixture
-def sft_log(caplog):
-    """caplog for tp_trainer.data.sft: the package logger does not propagate to the root (its own handler)."""
+def sft_log():
+    """Records of the tp_trainer.data.sft logger at WARNING and above.
+
+    Its own handler rather than caplog: the package logger does not propagate to the root, and
+    pytest's ``caplog.at_level(logger=...)`` attaches its handler differently across pytest releases
+    (9.2 adds it to the named logger too, so a handler added here would see each record twice).
+    """
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
     logger = logging.getLogger("tp_trainer.data.sft")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
+    handler, level = Keep(level=logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_truncation_cuts_response_end_and_drops_long_prompts(tok, sft_log):
-    caplog = sft_log
     long_out = {"instruction": "Reverse the sequence of letters.", "input": "a b c",
                 "output": "c b a " * 10}
     n_prompt = len(tok(format_prompt(long_out))["input_ids"])
@@ -160,10 +173,9 @@ def test_truncation_cuts_response_end_and_drops_long_prompts(tok, sft_log):
 
     short = {"instruction": "Say hi.", "input": "", "output": "hi"}
     huge_prompt = {"instruction": "word " * 200, "input": "", "output": "x"}
-    with caplog.at_level(logging.WARNING, logger="tp_trainer.data.sft"):
-        ds = tokenize_sft([short, huge_prompt, short], tok, max_length=64)
+    ds = tokenize_sft([short, huge_prompt, short], tok, max_length=64)
     assert len(ds) == 2
-    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    warnings = [r.getMessage() for r in sft_log if "dropped" in r.getMessage()]
     assert len(warnings) == 1 and "dropped 1 of 3" in warnings[0]
 
     with pytest.raises(ValueError, match="dropped all 1"):
@@ -255,13 +267,11 @@ def test_malformed_json_list_names_index(tmp_path):
 
 
 def test_skip_mode_warns_once_with_count_and_locations(tmp_path, sft_log):
-    caplog = sft_log
     lines = [json.dumps(GOOD), "not json", json.dumps({"output": "y"}), json.dumps(GOOD), "{"]
     path = _write(tmp_path, "mixed.jsonl", "\n".join(lines))
-    with caplog.at_level(logging.WARNING, logger="tp_trainer.data.sft"):
-        ds = load_alpaca(path, on_error="skip")
+    ds = load_alpaca(path, on_error="skip")
     assert len(ds) == 2
-    messages = [r.getMessage() for r in caplog.records if r.name == "tp_trainer.data.sft"]
+    messages = [r.getMessage() for r in sft_log]
     assert len(messages) == 1
     assert "skipped 3 malformed" in messages[0]
     assert messages[0].index("line 2") < messages[0].index("line 3") < messages[0].index("line 5")

@@ -109,15 +109,37 @@ def test_tp4_matches_unsharded(tp4, name):
     _assert_matches_unsharded(tp4, name, TP4_CASES)
 
 
-def test_moe_experts_are_refused_at_planning_time_with_the_fix():
+def test_replicated_moe_experts_are_a_loud_warning_in_the_plan():
+    # transformers >= 5.2x plans no longer name the experts: the planner leaves the fused 3-D expert
+    # weights replicated, and the plan must say so (never a silent replication)
     import transformers as T
 
     cfg = T.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=96, num_local_experts=2)
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(ValueError, match=r"moe_tp_experts.*not supported.*tp_plan="):
-        plan_tensor_parallel(model, 2)
+    plan = plan_tensor_parallel(model, 2)
+    experts = [w for w in plan.warnings if "model.layers.*.mlp.experts" in w]
+    assert len(experts) == 1 and "MoE experts" in experts[0] and "replicated on every rank" in experts[0]
+    assert "WARNING: MoE experts" in plan.table()
+    # 2 experts of 3 x 64 x 96 per layer against 4 x 64 x 64 of attention: most of the model
+    assert plan.sharded_fraction() < 0.5
+    assert f"{plan.sharded_fraction():.1%} of parameters sharded" in plan.summary()
+
+
+def test_dense_plans_state_the_sharded_fraction_and_warn_only_on_large_replicated_blocks():
+    llama = plan_tensor_parallel(tiny_model("llama"), 2)
+    assert llama.warnings == [] and llama.sharded_fraction() > 0.99  # only the norms stay replicated
+    # tiny GPT-2's learned position table (1024 x 64) is over a third of the model: named, never split
+    model = tiny_model("gpt2")
+    gpt2 = plan_tensor_parallel(model, 2)
+    assert [w.split(" ")[0] for w in gpt2.warnings] == ["transformer.wpe"]
+    # replicated: the position table and the LayerNorms; tied lm_head counted once, with the embedding
+    total = sum(p.numel() for p in model.parameters())
+    replicated = model.transformer.wpe.weight.numel() + sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    assert sum(gpt2.param_counts.values()) == total
+    assert gpt2.sharded_fraction() == pytest.approx(1 - replicated / total, abs=1e-12)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma", "opt"])

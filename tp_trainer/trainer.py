@@ -66,7 +66,11 @@ class TPTrainer(Trainer):
             self.gather_function = self.accelerator.gather_for_metrics
             pylogging.getLogger("tp_trainer").setLevel(logging.get_verbosity())
             if self.args.should_log:
-                logger.info(self.startup_summary())
+                if logger.isEnabledFor(pylogging.INFO):
+                    logger.info(self.startup_summary())  # it carries the plan's warnings
+                else:
+                    for warning in self.tp_plan.warnings:
+                        logger.warning(warning)
 
     def startup_summary(self) -> str:
         ctx, args = self.tp_context, self.args
@@ -87,7 +91,8 @@ class TPTrainer(Trainer):
                 f"global batch = {args.per_device_train_batch_size} per device x dp {ctx.dp_size} x grad accum "
                 f"{args.gradient_accumulation_steps} = {gbs}\n"
                 f"  parameters on this rank: {local:,} of {self._full_param_count:,} "
-                f"({local / max(1, self._full_param_count):.1%})")
+                f"({local / max(1, self._full_param_count):.1%})"
+                + "".join(f"\n  WARNING: {w}" for w in self.tp_plan.warnings))
 
     @property
     def tp_active(self) -> bool:

@@ -4,7 +4,10 @@ A plan is computed by :func:`tp_trainer.planner.plan_tensor_parallel` without an
 group and applied by :func:`tp_trainer.planner.apply_tensor_parallel`. It is pure data:
 
 * ``entries``: module name -> :class:`PlanEntry` (style, fused layout, source, reason);
-* ``patches``: attention modules whose head counts / split sizes must become per-rank values.
+* ``patches``: attention modules whose head counts / split sizes must become per-rank values;
+* ``param_counts``: module name -> elements of its own parameters (each tensor counted once), from
+  which the plan states the fraction of the model that is sharded and warns about large
+  replicated blocks (a replicated block costs its full size on every rank).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class Style(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+
+# A replicated block above this fraction of the model's parameters is a planning-time warning.
+REPLICATED_WARN_FRACTION = 0.10
 
 SHARDED_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT,
                   Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED}
@@ -64,6 +70,31 @@ class Plan:
     entries: dict[str, PlanEntry]
     patches: dict[str, AttentionPatch] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    param_counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def sharded_fraction(self) -> float:
+        """Fraction of the model's parameter elements held by sharded modules (1.0 when nothing is counted)."""
+        total = sum(self.param_counts.values())
+        sharded = sum(n for name, n in self.param_counts.items()
+                      if name in self.entries and self.entries[name].style in SHARDED_STYLES)
+        return sharded / total if total else 1.0
+
+    def replicated_blocks(self, *, threshold: float = REPLICATED_WARN_FRACTION) -> list[tuple[str, float, str]]:
+        """``(pattern, fraction, reason)`` of replicated modules (layers collapsed to ``*``) holding more
+        than ``threshold`` of the model's parameters, largest first."""
+        total = sum(self.param_counts.values())
+        if not total or self.tp_size == 1:
+            return []
+        groups: dict[str, list] = {}
+        for name, n in self.param_counts.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.style in SHARDED_STYLES:
+                continue
+            group = groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), [0, entry.reason])
+            group[0] += n
+        big = [(k, n / total, reason) for k, (n, reason) in groups.items() if n / total > threshold]
+        return sorted(big, key=lambda row: -row[1])
 
     def style_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -75,7 +106,8 @@ class Plan:
         """One line for the startup log."""
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.style_counts().items()))
         sources = sorted({e.source for e in self.entries.values()})
-        return f"{self.model_type} tp={self.tp_size}: {counts} (sources: {', '.join(sources)})"
+        sharded = f"; {self.sharded_fraction():.1%} of parameters sharded" if self.param_counts else ""
+        return f"{self.model_type} tp={self.tp_size}: {counts} (sources: {', '.join(sources)}){sharded}"
 
     def table(self, *, collapse_layers: bool = True) -> str:
         """Per-module style and reason; with ``collapse_layers`` repeated blocks print once as ``*``."""
@@ -100,6 +132,7 @@ class Plan:
         for key, (text, n) in patch_rows.items():
             lines.append(f"patch {key}: {text}" + (f"  [x{n}]" if n > 1 else ""))
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"WARNING: {w}" for w in self.warnings)
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .families import attention_hooks, fused_layout, kv_replicas, layout_blocks
 from .hf_plan import hf_plan_of, translate_hf_style
 from .model_info import ModelDims, call_order, is_linear, layer_lists, linear_shape, model_dims
-from .plan import AttentionPatch, Plan, PlanEntry, Style, match_plan
+from .plan import AttentionPatch, Plan, PlanEntry, Style, match_plan, pattern_to_regex
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "num_kv")
@@ -104,7 +104,52 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
     plan.entries = entries
     _check_linears_placed(model, modules, plan)
     plan.patches = _attention_patches(model, modules, plan, dims, tp_size)
+    plan.param_counts = _own_param_counts(modules, entries)
+    plan.warnings = _replication_warnings(plan, modules)
     return plan
+
+
+def _own_param_counts(modules: dict[str, nn.Module], names) -> dict[str, int]:
+    """Elements of each module's own parameters; a tensor shared by two modules (tied embeddings) counts once."""
+    seen: set[int] = set()
+    counts = {}
+    for name in names:
+        n = 0
+        for p in modules[name].parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        counts[name] = n
+    return counts
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """MoE experts: transformers 5's fused ``[experts, out, in]`` parameters or a ModuleList of expert MLPs."""
+    if "expert" in type(module).__name__.lower():
+        return True
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def _replication_warnings(plan: Plan, modules: dict[str, nn.Module]) -> list[str]:
+    """Every replicated block above ``REPLICATED_WARN_FRACTION`` of the parameters, named with the fix."""
+    warnings = []
+    for pattern, fraction, reason in plan.replicated_blocks():
+        members = [n for n in plan.param_counts if pattern_to_regex(pattern).match(n)]
+        if any(_is_experts(modules[n]) for n in members):
+            warnings.append(
+                f"MoE experts {pattern} are replicated on every rank ({fraction:.0%} of the parameters): "
+                f"tp_trainer does not shard expert weights yet, so each rank holds all of them and their "
+                f"gradients. Expect per-rank memory well above 1/tp of the model.")
+        elif any(is_linear(modules[n]) for n in members):
+            warnings.append(
+                f"{pattern} is replicated on every rank ({fraction:.0%} of the parameters; {reason}). To shard it, "
+                f"pass tp_plan={{'{pattern}': 'colwise'|'rowwise'}}.")
+        else:
+            kind = type(modules[members[0]]).__name__
+            warnings.append(
+                f"{pattern} ({kind}) is replicated on every rank ({fraction:.0%} of the parameters; {reason}): "
+                f"tp_trainer has no split for it, so every rank holds it whole.")
+    return warnings
 
 
 def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp, fused_owners: set[str]) -> PlanEntry:

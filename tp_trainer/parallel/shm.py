@@ -166,6 +166,22 @@ def _total_bytes(size: int, slot_bytes: int) -> int:
     return _flag_bytes(size) + 2 * size * slot_bytes
 
 
+def create_segment(path: str, nbytes: int, token: str) -> None:
+    """Create the segment file: new (never an existing file or a planted symlink), owner-only (0600).
+
+    The ranks of a TP group run as one user; other local users must not read the activations and
+    gradients that pass through it, nor swap in a file of their own before it is mapped. The
+    pages are reserved now: a sparse file on a full ``/dev/shm`` (Docker's default is 64 MB) would
+    map fine and then kill the process with SIGBUS on first touch. The token sits in the last
+    bytes, away from the flags, for the other ranks to check that they see this very file.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+        f.seek(nbytes - len(token))
+        f.write(token.encode())
+
+
 def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 << 20) -> SharedMemoryTransport | None:
     """A :class:`SharedMemoryTransport` for ``group`` when it is the faster transport, else ``None``.
 
@@ -189,16 +205,11 @@ def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 <
         token = uuid.uuid4().hex
         path = os.path.join("/dev/shm", f"tp_trainer_allreduce_{token}")
         try:
-            with open(path, "wb") as f:  # the token sits in the last bytes, away from the flags
-                # reserve the pages now: a sparse file on a full /dev/shm (Docker's default is
-                # 64 MB) would map fine and then kill the process with SIGBUS on first touch
-                os.posix_fallocate(f.fileno(), 0, _total_bytes(size, slot_bytes))
-                f.seek(_total_bytes(size, slot_bytes) - len(token))
-                f.write(token.encode())
+            create_segment(path, _total_bytes(size, slot_bytes), token)
             offer[0] = (path, token, socket.gethostname())
         except OSError:  # /dev/shm full or read-only: stay on the backend
             offer[0] = None
-            if os.path.exists(path):
+            if os.path.exists(path) and not os.path.islink(path):
                 os.unlink(path)
     dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
     if offer[0] is None:

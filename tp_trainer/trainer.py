@@ -23,7 +23,8 @@ from transformers.utils import logging
 from .accelerator import TPAccelerator
 from .args import TPTrainingArguments
 from .checks import check_identical_across_tp
-from . import checkpoint, export
+from . import checkpoint as ckpt
+from . import export
 from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
 from .planner import apply_tensor_parallel, plan_tensor_parallel
@@ -141,18 +142,18 @@ class TPTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         if not self.tp_active:
             return super()._save_checkpoint(model, trial)
-        checkpoint.save_training_checkpoint(self, trial)
+        ckpt.save_training_checkpoint(self, trial)
 
     def _checkpoint_reader(self, path: str | None, *, validate: bool):
         """Reader of a sharded checkpoint (any layout) or, under TP, of a plain Trainer one; None: the Trainer's way.
 
         ``validate`` checks files and model compatibility on every rank before anything is loaded.
         """
-        if checkpoint.is_sharded_checkpoint(path):
-            return checkpoint.CheckpointReader.open(path, model=self.model if validate else None,
+        if ckpt.is_sharded_checkpoint(path):
+            return ckpt.CheckpointReader.open(path, model=self.model if validate else None,
                                                     ctx=self.tp_context if validate else None, check_files=validate)
         if self.tp_active and path is not None:
-            return checkpoint.open_trainer_checkpoint(path, model=self.model, optimizer=self.optimizer,
+            return ckpt.open_trainer_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                                       ctx=self.tp_context)
         return None
 
@@ -160,20 +161,20 @@ class TPTrainer(Trainer):
         reader = self._checkpoint_reader(resume_from_checkpoint, validate=True)
         if reader is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        checkpoint.load_model_weights(reader, self.model)  # validated above: nothing was modified before
+        ckpt.load_model_weights(reader, self.model)  # validated above: nothing was modified before
 
-    def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
-        reader = self._checkpoint_reader(checkpoint_dir, validate=False)
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        reader = self._checkpoint_reader(checkpoint, validate=False)
         if reader is None:
-            return super()._load_optimizer_and_scheduler(checkpoint_dir)
-        checkpoint.load_optimizer_state(reader, self.model, self.optimizer)
-        checkpoint.load_scheduler(checkpoint_dir, self.lr_scheduler)
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        ckpt.load_optimizer_state(reader, self.model, self.optimizer)
+        ckpt.load_scheduler(checkpoint, self.lr_scheduler)
 
-    def _load_rng_state(self, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None or not (self.tp_active or checkpoint.is_sharded_checkpoint(checkpoint_dir)):
-            return super()._load_rng_state(checkpoint_dir)
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (self.tp_active or ckpt.is_sharded_checkpoint(checkpoint)):
+            return super()._load_rng_state(checkpoint)
         tp = self.tp_context.tp_size if self.tp_active else 1
-        checkpoint.restore_rng_state(checkpoint_dir, tp=tp, dp=self.args.world_size // tp,
+        ckpt.restore_rng_state(checkpoint, tp=tp, dp=self.args.world_size // tp,
                                      rank=self.args.process_index)
 
     def _load_best_model(self) -> None:
@@ -181,6 +182,6 @@ class TPTrainer(Trainer):
         if reader is None:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
-        checkpoint.load_model_weights(reader, self.model)
-        checkpoint.refresh_master_weights(self.optimizer)  # ZeRO's fp32 masters follow the loaded weights
+        ckpt.load_model_weights(reader, self.model)
+        ckpt.refresh_master_weights(self.optimizer)  # ZeRO's fp32 masters follow the loaded weights
     # ==================================================================== checkpoints (end)

@@ -44,12 +44,12 @@ allocator's caching and fragmentation.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .memory_trace import LiveTensorBytes
+from .zero.buckets import bucket_runs, bucket_shard_numel, zero_bucket_params
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (fp32)
@@ -172,40 +172,6 @@ def _use_gpu_attention_model(model) -> None:
     for config in configs.values():
         if getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = _GPU_ATTENTION
-
-
-def bucket_runs(numels: list[int], bucket_numel: int) -> list[list[int]]:
-    """``ShardedOptimizer``'s bucket rule: the indices of ``numels`` cut, in order, into runs of at most
-    ``bucket_numel`` elements in total (a larger tensor alone)."""
-    runs, size = [], 0
-    for i, n in enumerate(numels):
-        if not runs or size + n > bucket_numel:
-            runs.append([])
-            size = 0
-        runs[-1].append(i)
-        size += n
-    return runs
-
-
-def zero_buckets(param_numels: list[int], dp: int, bucket_numel: int) -> list[tuple[list[int], int]]:
-    """``ShardedOptimizer``'s ZeRO-1/2 buckets over parameters of ``param_numels`` (registration order):
-    ``(parameter indices, numel padded to a multiple of dp)``, laid out in reverse registration order."""
-    order = list(reversed(range(len(param_numels))))
-    runs = bucket_runs([param_numels[i] for i in order], bucket_numel)
-    return [([order[i] for i in run], math.ceil(sum(param_numels[order[i]] for i in run) / dp) * dp)
-            for run in runs]
-
-
-def bucket_shard_numel(param_numels: list[int], dp: int, bucket_numel: int = 2**24) -> int:
-    """``S``: the flat-bucket slice of one dp rank, bucketed like ``ShardedOptimizer`` (reverse order)."""
-    return sum(padded // dp for _, padded in zero_buckets(param_numels, dp, bucket_numel))
-
-
-def zero_bucket_params(params: list, dp: int, bucket_numel: int) -> list[tuple[list, int]]:
-    """:func:`zero_buckets` with the parameters themselves: ``(params, padded numel)`` (``ShardedOptimizer``'s
-    buckets, and the ones the estimate simulates)."""
-    return [([params[i] for i in members], padded)
-            for members, padded in zero_buckets([p.numel() for p in params], dp, bucket_numel)]
 
 
 def _transient(*sizes: tuple[int, torch.dtype], device) -> None:

@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .memory import bucket_runs, zero_bucket_params
-from .parallel.collectives import all_gather_flat, all_reduce, free_now, reduce_scatter_flat
-from .parallel.context import ParallelContext
-from .parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
+from ..parallel.collectives import all_gather_flat, all_reduce, free_now, reduce_scatter_flat
+from ..parallel.context import ParallelContext
+from ..parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
+from .buckets import bucket_runs, zero_bucket_params
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad,
                           torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
@@ -115,7 +115,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return masters
 
     def _build_buckets(self, bucket_numel: int):
-        """The ZeRO-1/2 buckets: ``memory.zero_bucket_params``' layout (reverse registration order, each run
+        """The ZeRO-1/2 buckets: ``buckets.zero_bucket_params``' layout (reverse registration order, each run
         padded to a multiple of dp), the one ``tp-trainer estimate`` simulates."""
         self.buckets: list[_Bucket] = []
         for params, padded in zero_bucket_params(self.params, self.dp, bucket_numel):

@@ -78,7 +78,7 @@ def main():
     rows["validate + load (same layout)"] = timed(load)
     if rank == 0:
         from tp_trainer.checkpoint import CheckpointReader
-        from tp_trainer.export import export_checkpoint
+        from tp_trainer.checkpoint.export import export_checkpoint
 
         def full_read():
             reader = CheckpointReader.open(ckpt)

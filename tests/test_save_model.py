@@ -21,6 +21,8 @@ import torch
 from distributed import run_distributed
 from models import tiny_model
 
+pytestmark = pytest.mark.cpu_only(reason="the worlds train with use_cpu=True on CPU batches; not device-agnostic yet")
+
 IDS = torch.tensor([[5, 17, 42, 8, 77, 3, 60, 21], [9, 9, 31, 64, 2, 90, 14, 50]])
 
 
@@ -65,7 +67,7 @@ def tp_logits(trainer):
 
 
 def save_world(base):
-    from tp_trainer import export
+    from tp_trainer.checkpoint import export
 
     rank = int(os.environ["RANK"])
     out = {}
@@ -182,7 +184,7 @@ def test_16bit_weights_with_fp32_masters(world):
 def test_save_dtype_rules():
     from types import SimpleNamespace
 
-    from tp_trainer.export import resolve_save_dtype
+    from tp_trainer.checkpoint.export import resolve_save_dtype
 
     fp32_model, bf16_model = tiny_model("llama"), tiny_model("llama", dtype=torch.bfloat16)
 

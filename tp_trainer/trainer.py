@@ -24,7 +24,7 @@ from .accelerator import TPAccelerator
 from .args import TPTrainingArguments
 from .checks import check_identical_across_tp
 from . import checkpoint as ckpt
-from . import export
+from .checkpoint import export
 from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
 from .planner import apply_tensor_parallel, plan_tensor_parallel
@@ -123,7 +123,7 @@ class TPTrainer(Trainer):
             self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.get_tp_size()
 
     # ==================================================================== checkpoints (begin)
-    # Owned by the checkpoint work (tp_trainer.checkpoint / tp_trainer.export). With tp_size=1 and
+    # Owned by the checkpoint work (tp_trainer.checkpoint, its export module included). With tp_size=1 and
     # zero_stage=0 the Trainer writes its own format untouched; sharded checkpoints (they carry a
     # tp_checkpoint.json) are read by any layout, including that plain one.
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

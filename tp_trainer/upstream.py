@@ -218,7 +218,7 @@ INTERNALS: tuple[Internal, ...] = (
              "fused experts modules carry their weight layout as instance flags, read with getattr",
              ("self.is_concatenated =", "self.is_transposed =", "self.has_bias =", "self.has_post_expert_norm =")),
     # ---- torch
-    Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero.py", "multi-tensor gradient clipping"),
+    Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py", "multi-tensor gradient clipping"),
     Internal("torch:_foreach_norm", "call", None, "tp_trainer/parallel/grads.py", "gradient norm, one pass per tensor"),
     Internal("torch:_assert_async", "call", None, "tp_trainer/parallel/layers.py",
              "device-side vocabulary range check, with a message (the aten::_assert_async.msg overload)"),
@@ -232,7 +232,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("torch.nn:Module._parameters", "attribute", None, EXPERTS, "a module's own down_proj, if any"),
     Internal("torch.nn.modules.conv:_ConvNd", "attribute", None, EXPERTS, "3-D convolution weights are not experts"),
     Internal("torch.nn:Module._non_persistent_buffers_set", "attribute", None,
-             f"tp_trainer/parallel/gather.py; tp_trainer/export.py; {SAVE}; {LOAD}",
+             f"tp_trainer/parallel/gather.py; tp_trainer/checkpoint/export.py; {SAVE}; {LOAD}",
              "which buffers belong in saved state dicts"),
     Internal("torch.distributed.distributed_c10d:_resolve_process_group", "call", ("group_name",),
              "tp_trainer/parallel/collectives.py", "compiled TP collectives find their group by name"),

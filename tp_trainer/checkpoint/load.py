@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers.utils import logging
 
-from ..parallel.gather import _persistent_buffers
+from ..parallel.gather import persistent_buffers
 from ..parallel.sharding import ShardSpec
 from ..zero import ShardedOptimizer
 from .layout import (FORMAT, GROUPS, MANIFEST, SCHEDULER, VERSION, CheckpointError, _all_gather_object, _full_shape,
@@ -140,7 +140,7 @@ class HFCheckpointReader:
 
     def check_model(self, model) -> list[str]:
         errors = []
-        for name, p in list(model.named_parameters()) + list(_persistent_buffers(model)):
+        for name, p in list(model.named_parameters()) + list(persistent_buffers(model)):
             if name not in self.weight_file:
                 errors.append(f"{self.path} has no tensor {name}: it is a checkpoint of a different model")
                 continue
@@ -253,7 +253,7 @@ def _check_files(path: str, manifest: dict, ctx) -> list[str]:
 def _check_model(path: str, manifest: dict, model) -> list[str]:
     saved = manifest["tensors"]
     current = {n: ("param", _full_shape(p)) for n, p in model.named_parameters()}
-    current.update({n: ("buffer", list(b.shape)) for n, b in _persistent_buffers(model)})
+    current.update({n: ("buffer", list(b.shape)) for n, b in persistent_buffers(model)})
     where = os.path.join(path, MANIFEST)
     errors = []
     missing = [n for n in current if n not in saved]
@@ -275,7 +275,7 @@ def load_model_weights(reader: CheckpointReader, model) -> None:
         full = reader.full_tensor(name)
         spec = getattr(p, "tp_spec", None)
         p.data.copy_(spec.shard(full) if spec is not None else full)
-    for name, b in _persistent_buffers(model):
+    for name, b in persistent_buffers(model):
         b.copy_(reader.full_tensor(name))
 
 

@@ -18,7 +18,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from ..parallel.gather import _persistent_buffers
+from ..parallel.gather import persistent_buffers
+from .export import resolve_save_dtype
 from .layout import (FORMAT, GROUPS, MANIFEST, SCALER, SCHEDULER, TMP_PREFIX, TRAINER_STATE, VERSION,
                      _all_gather_object, _barrier, _finish_file, _fsync, _full_shape, _rng_states, _spec_record,
                      _versions, is_complete, unwrap_optimizer)
@@ -48,7 +49,6 @@ def save_training_checkpoint(trainer, trial=None) -> str:
                 state.stateful_callbacks[name].append(cb.state())
             else:
                 state.stateful_callbacks[name] = cb.state()
-    from ..export import resolve_save_dtype
 
     write_checkpoint(final, model=trainer.model, optimizer=trainer.optimizer, ctx=ctx,
                      zero_stage=args.zero_stage, save_only_model=args.save_only_model,
@@ -161,7 +161,7 @@ def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:
     if ctx.dp_rank == 0:
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
         if ctx.tp_rank == 0:
-            tensors.update({n: b.detach().contiguous() for n, b in _persistent_buffers(model)})
+            tensors.update({n: b.detach().contiguous() for n, b in persistent_buffers(model)})
         fname = f"model-tp{ctx.tp_rank:02d}-of-{ctx.tp_size:02d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         files[fname] = _finish_file(os.path.join(tmp, fname))
@@ -189,7 +189,7 @@ def _manifest(model, ctx, zero_stage, files, pieces, *, has_optimizer: bool) -> 
     for n, p in model.named_parameters():
         tensors[n] = {"kind": "param", "dtype": str(p.dtype).removeprefix("torch."), "full_shape": _full_shape(p),
                       "shard": _spec_record(getattr(p, "tp_spec", None))}
-    for n, b in _persistent_buffers(model):
+    for n, b in persistent_buffers(model):
         tensors[n] = {"kind": "buffer", "dtype": str(b.dtype).removeprefix("torch."), "full_shape": list(b.shape),
                       "shard": None}
     config = getattr(model, "config", None)

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from ..checkpoint import CheckpointError
-    from ..export import export_checkpoint, parse_dtype
+    from ..checkpoint.export import export_checkpoint, parse_dtype
 
     try:
         dtype = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=parse_dtype(args.dtype),

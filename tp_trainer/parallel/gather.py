@@ -38,13 +38,14 @@ def iter_full_state(model: nn.Module, tp_group, *, dtype: torch.dtype | None = N
         yield name, full.to(dtype) if dtype is not None and full.is_floating_point() else full
     if grads:
         return
-    persistent = {n for n, _ in _persistent_buffers(model)}
+    persistent = {n for n, _ in persistent_buffers(model)}
     for name, buf in model.named_buffers():
         if name in persistent:
             yield name, buf.to(dtype) if dtype is not None and buf.is_floating_point() else buf
 
 
-def _persistent_buffers(model: nn.Module):
+def persistent_buffers(model: nn.Module):
+    """``(full name, buffer)`` of the buffers a state dict holds (not those registered ``persistent=False``)."""
     for mod_name, mod in model.named_modules():
         for b_name, buf in mod.named_buffers(recurse=False):
             if b_name not in mod._non_persistent_buffers_set and buf is not None:

@@ -25,7 +25,9 @@ import shutil
 import torch
 from transformers.utils import logging
 
-from .parallel.gather import _persistent_buffers, gather_full
+from ..parallel.gather import gather_full, persistent_buffers
+from .layout import unwrap_optimizer
+from .load import CheckpointReader
 
 logger = logging.get_logger(__name__)
 
@@ -70,8 +72,6 @@ def gather_state_dict(model, context, *, dtype: torch.dtype, optimizer=None, kee
 
     ``keep=False`` (non-main ranks) joins the collectives and returns ``None``.
     """
-    from .checkpoint import unwrap_optimizer
-
     tp_group = context.tp_group if context is not None else None
     optimizer = unwrap_optimizer(optimizer)
     params = list(model.named_parameters())
@@ -87,7 +87,7 @@ def gather_state_dict(model, context, *, dtype: torch.dtype, optimizer=None, kee
         if keep:
             out[name] = full.to(device="cpu", dtype=dtype if full.is_floating_point() else full.dtype)
     if keep:
-        for name, b in _persistent_buffers(model):
+        for name, b in persistent_buffers(model):
             out[name] = b.detach().to(device="cpu", dtype=dtype if b.is_floating_point() else b.dtype)
     return out
 
@@ -127,8 +127,6 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: torch.dtyp
     ``dtype=None`` uses the dtype the training run's ``save_model`` would have used.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .checkpoint import CheckpointReader
 
     reader = CheckpointReader.open(checkpoint_dir)
     if dtype is None:

@@ -19,6 +19,7 @@ from tp_trainer.parallel.attention import block_causal_attention, saved_probs_by
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 CPU = torch.device("cpu")
+CPU_KERNEL = pytest.mark.cpu_only(reason="the CPU attention kernel (parallel/attention.py) serves CPU devices only")
 
 
 def reference(q, k, v, scale):
@@ -39,6 +40,7 @@ def _output_and_grads(fn, q, k, v, upstream):
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
+@CPU_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,seq,block,dv", [
     (4, 4, 64, 64, 16),   # one block, no grouping
@@ -61,6 +63,7 @@ def test_kernel_matches_fp64_reference(dtype, heads, kv_heads, seq, block, dv):
         assert err <= RTOL[dtype], f"{name}: relative error {err:.2e}"
 
 
+@CPU_KERNEL
 def test_saved_probabilities_are_the_lower_block_triangle():
     # blocks of 64 over 100 positions: rows [0, 64) see 64 keys, rows [64, 100) see 100
     assert saved_probs_bytes(batch=2, heads=3, seq=100, element_size=4, block=64) == 2 * 3 * (64 * 64 + 36 * 100) * 4
@@ -87,6 +90,7 @@ def _loss_and_grads(model, **batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@CPU_KERNEL
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_bigcode"])
 def test_model_uses_the_kernel_and_matches_sdpa(family, monkeypatch):
     ref = tiny_model(family)
@@ -102,6 +106,7 @@ def test_model_uses_the_kernel_and_matches_sdpa(family, monkeypatch):
         assert (grads[name] - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
+@CPU_KERNEL
 def test_padded_batches_and_generation_go_to_sdpa_unchanged(monkeypatch):
     ref, model = tiny_model("llama"), tiny_model("llama")
     use_cpu_attention(model, CPU)
@@ -117,6 +122,7 @@ def test_padded_batches_and_generation_go_to_sdpa_unchanged(monkeypatch):
     assert torch.equal(out, want) and len(calls) == model.config.num_hidden_layers
 
 
+@CPU_KERNEL
 def test_large_probabilities_go_to_sdpa(monkeypatch):
     model = tiny_model("llama")
     use_cpu_attention(model, CPU)
@@ -145,6 +151,7 @@ def test_which_models_switch(monkeypatch, tmp_path):
     assert attention.NAME not in json.dumps(saved) and os.path.exists(tmp_path / "model.safetensors")
 
 
+@CPU_KERNEL
 def test_attention_dropout_goes_to_sdpa(monkeypatch):
     model = tiny_model("llama", attention_dropout=0.1)
     use_cpu_attention(model, CPU)
@@ -156,6 +163,7 @@ def test_attention_dropout_goes_to_sdpa(monkeypatch):
     assert len(calls) == model.config.num_hidden_layers
 
 
+@CPU_KERNEL
 def test_autocast_runs_the_kernel_in_the_autocast_dtype(monkeypatch):
     ref, model = tiny_model("llama"), tiny_model("llama")
     use_cpu_attention(model, CPU)

@@ -69,6 +69,7 @@ def test_ratios_pair_the_launches_of_each_round(bench):
     assert order == ["single", "tp2", "deepspeed_autotp", "hf_native_tp", "dp2", "tp2_zero1"]
 
 
+@pytest.mark.cpu_only(reason="scripts/bench.py is a CPU benchmark: gloo under torchrun, host memory, CPU attention")
 def test_short_real_run_passes_the_gate(bench, tmp_path):
     out = tmp_path / "bench.json"
     code = bench.main(["--hidden", "64", "--intermediate", "96", "--layers", "2", "--heads", "4", "--kv-heads", "2",

@@ -16,6 +16,8 @@ from distributed import run_distributed
 from models import tiny_model
 from test_save_model import load, make_dataset, make_tokenizer
 
+pytestmark = pytest.mark.cpu_only(reason="the worlds train with use_cpu=True on CPU batches; not device-agnostic yet")
+
 
 def checkpoint_world(base):
     from tp_trainer import TPTrainer, TPTrainingArguments

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only(reason="host malloc tuning: the CPU device's activation memory")
+
 REALLOC_FAULTS = r"""
 import ctypes, ctypes.util, resource
 from tp_trainer.parallel.host import keep_freed_memory_in_heap

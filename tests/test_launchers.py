@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from distributed import free_port
+from distributed import free_port, skip_unless_world_fits
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_tiny.py")
 FLAGS = ["--tp_size", "2", "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--save_strategy",
@@ -21,6 +21,7 @@ def _run(launcher, tmp_path):
 
 
 def test_torchrun_and_accelerate_launch_train_identically(tmp_path):
+    skip_unless_world_fits(2)
     torchrun, log = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--monitor-interval", "5", "--master-port", str(free_port())], tmp_path / "torchrun")
     accel, _ = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -1,7 +1,8 @@
-"""TP layers against their dense counterparts on 2 gloo ranks: outputs, input gradients, weight gradients.
+"""TP layers against their dense counterparts on 2 ranks: outputs, input gradients, weight gradients.
 
-Every check runs twice: with the TP all-reduces on the shared-memory transport (what
+On the CPU every check runs twice: with the TP all-reduces on the shared-memory transport (what
 ParallelContext picks for gloo ranks on one host) and on gloo itself (the fallback across hosts).
+Under ``TP_TRAINER_TEST_DEVICE=cuda`` it runs once, on NCCL, every tensor on the rank's GPU.
 
 Tolerance: fp32 with the same inputs; the only difference is summation order (a row-parallel
 product sums two partial dot products, the vocab-parallel loss two partial exp-sums), which
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import run_distributed
+from distributed import TEST_BACKEND, run_distributed
 from tp_trainer.parallel import collectives
 from tp_trainer.parallel.collectives import all_reduce_transport
 from tp_trainer.parallel.context import ParallelContext
@@ -84,7 +85,7 @@ def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False, all_r
     tp_up = {n: u.chunk(2, -1)[ctx.tp_rank] for n, u in up.items()}
 
     def loss(layers, upstream, a):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
             h = a * 2
             outs = {n: layers[n](h) for n in ("q", "k", "v")}  # every layer runs; only `use` reach the loss
             return sum(((outs[n].float() * upstream[n]) ** 2).sum() for n in use) + (h.float() * r).sum()
@@ -199,7 +200,14 @@ def _cross_entropy_cases(ctx):
 
 def layer_suite():
     ctx = ParallelContext.from_environment(2)
-    transport = "shared_memory" if all_reduce_transport(ctx.tp_group) is not None else "gloo"
+    if ctx.device.type == "cpu":
+        return _layer_suite(ctx)
+    with torch.device(ctx.device):  # every module and tensor below on the rank's GPU
+        return _layer_suite(ctx)
+
+
+def _layer_suite(ctx):
+    transport = "shared_memory" if all_reduce_transport(ctx.tp_group) is not None else ctx.backend
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
     out = {"transport": transport}
@@ -224,8 +232,9 @@ def layer_suite():
     gfull = gather_full(pemb.weight.grad, pemb.weight.tp_spec, ctx.tp_group)
     out["embedding"] = {"y": _diff(e, e_ref), "dW": _diff(gfull, emb.weight.grad)}
     # ids nn.Embedding refuses: 7 is a padding row of rank 1's shard, -1 belongs to no rank
+    # (CPU only: on a GPU the check is a device-side assert, which ends the process's CUDA context)
     out["embedding_bad_ids"] = []
-    for bad in (7, -1):
+    for bad in (7, -1) if ctx.device.type == "cpu" else ():
         try:
             pemb(torch.tensor([[0, bad]]))
         except IndexError as err:
@@ -283,7 +292,14 @@ def layer_suite():
     return out
 
 
-@pytest.fixture(scope="module", params=["shared_memory", "gloo"])
+_GLOO_ONLY = "the transports of gloo ranks on CPU tensors"
+TRANSPORTS = [pytest.param("shared_memory", marks=pytest.mark.cpu_only(reason=_GLOO_ONLY)),
+              pytest.param("gloo", marks=pytest.mark.cpu_only(reason=_GLOO_ONLY))]
+if TEST_BACKEND != "gloo":
+    TRANSPORTS.append(TEST_BACKEND)
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def results(request):
     env = {"TP_TRAINER_SHM_ALLREDUCE": "1" if request.param == "shared_memory" else "0"}
     out = run_distributed(layer_suite, 2, env=env)
@@ -310,6 +326,7 @@ def test_compiled_qkv_layers_share_one_input_gradient_all_reduce(results):
         assert rank_result["shared_input_compiled_all_reduces"] == [(3, 5, 8)]
 
 
+@pytest.mark.cpu_only(reason="on a GPU the id check is a device-side assert (layers.py), fatal to the CUDA context")
 def test_vocab_parallel_embedding_refuses_ids_outside_the_vocabulary(results):
     for rank_result in results:  # before the all-reduce, so every rank raises and none waits for a peer
         errors = rank_result["embedding_bad_ids"]

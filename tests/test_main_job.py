@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from distributed import skip_unless_world_fits
 from tp_trainer.report import compare_curves, loss_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +26,7 @@ DP_RUN, TP_RUN = "zero-1-dp2", "tp2-x-zero-1-dp1"
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    skip_unless_world_fits(2)
     tmp = tmp_path_factory.mktemp("report")
     out, work = tmp / "out", tmp / "work"
     cmd = [sys.executable, "-m", "tp_trainer.cli", "report", "--recipe", DEFAULT, "--out", str(out),

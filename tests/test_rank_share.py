@@ -20,6 +20,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.cpu_only(reason="scripts/rank_share.py times a CPU share model (CPU attention, one process)")
 
 
 @pytest.fixture(scope="module")

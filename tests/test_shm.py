@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from distributed import run_distributed
 
+pytestmark = pytest.mark.cpu_only(reason="the shared-memory transport and its gloo fallback serve CPU ranks only")
+
 DTYPES = (torch.float32, torch.bfloat16, torch.int64)
 
 
@@ -122,3 +124,25 @@ def test_full_dev_shm_falls_back_to_the_backend_and_leaves_no_file():
         assert r["reducer"], "no shared-memory transport when its pages cannot be reserved"
         assert not [f for f in r["new_files"] if f.startswith("tp_trainer_allreduce_")]
         assert r["sum"] == [3.0, 3.0, 3.0]
+
+
+def test_the_segment_is_created_exclusively_and_owner_only(tmp_path):
+    from tp_trainer.parallel import shm
+
+    # another local user must neither read the segment (activations, gradients) nor plant one
+    old_umask = os.umask(0)  # the mode must not depend on the caller's umask
+    try:
+        path = str(tmp_path / "segment")
+        shm.create_segment(path, 4096, "token")
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with open(path, "rb") as f:
+            assert f.read()[-5:] == b"token"
+        with pytest.raises(FileExistsError):
+            shm.create_segment(path, 4096, "token")  # never reuses an existing file
+        target = tmp_path / "elsewhere"
+        os.symlink(target, tmp_path / "planted")
+        with pytest.raises(FileExistsError):
+            shm.create_segment(str(tmp_path / "planted"), 4096, "token")  # nor follows a planted link
+        assert not target.exists()
+    finally:
+        os.umask(old_umask)

@@ -19,6 +19,8 @@ import torch._dynamo.utils
 from distributed import run_distributed
 from models import tiny_model
 
+pytestmark = pytest.mark.cpu_only(reason="the worlds train with use_cpu=True on CPU batches; not device-agnostic yet")
+
 STEPS = 6
 N_TRAIN, N_EVAL, SEQ = 96, 10, 16
 

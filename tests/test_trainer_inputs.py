@@ -101,16 +101,21 @@ def input_suite():
     return results
 
 
+TRAINS_ON_CPU = pytest.mark.cpu_only(reason="the world trains with use_cpu=True on CPU batches; not device-agnostic")
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_distributed(input_suite, 2)
 
 
+@TRAINS_ON_CPU
 def test_different_batches_on_a_tp_group_are_caught_at_the_first_step(two_ranks):
     for rank in two_ranks:
         assert "received different batches at the first step" in rank["mismatch"]
 
 
+@TRAINS_ON_CPU
 def test_iterable_dataset_trains_like_the_single_process_trainer(two_ranks, tmp_path):
     from transformers import Trainer
 
@@ -121,6 +126,7 @@ def test_iterable_dataset_trains_like_the_single_process_trainer(two_ranks, tmp_
         assert rank["stream_losses"] == pytest.approx(ref_losses, abs=1e-4)  # fp32 reordering only
 
 
+@TRAINS_ON_CPU
 def test_generate_on_the_sharded_model_equals_generate_on_its_gathered_weights(two_ranks):
     for rank in two_ranks:
         dense = tiny_model("llama")

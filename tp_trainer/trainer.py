@@ -49,7 +49,7 @@ class TPTrainer(Trainer):
             if kwargs.get("optimizers", (None, None))[0] is not None:
                 raise ValueError("TPTrainer shards the optimizer itself: pass optimizer_cls_and_kwargs=(cls, kwargs) "
                                  "instead of a built optimizer")
-            context = ParallelContext.from_environment(args.tp_size)
+            context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu)
             plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
             self._full_param_count = sum(p.numel() for p in model.parameters())
             apply_tensor_parallel(model, plan, context)

@@ -30,9 +30,10 @@ from .host import keep_freed_memory_in_heap
 from .shm import maybe_shared_memory_all_reduce
 
 
-def default_device_and_backend() -> tuple[torch.device, str]:
-    """``(cuda:LOCAL_RANK, "nccl")`` when CUDA is present, ``(cpu, "gloo")`` otherwise."""
-    if torch.cuda.is_available():
+def default_device_and_backend(*, use_cpu: bool = False) -> tuple[torch.device, str]:
+    """``(cuda:LOCAL_RANK, "nccl")`` when CUDA is present and not declined (``use_cpu``, the Trainer's
+    ``--use_cpu``), ``(cpu, "gloo")`` otherwise."""
+    if torch.cuda.is_available() and not use_cpu:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
     return torch.device("cpu"), "gloo"
 
@@ -109,13 +110,13 @@ class ParallelContext:
         return cls(device=device, backend=backend)
 
     @classmethod
-    def from_environment(cls, tp_size: int, *, timeout=None) -> "ParallelContext":
+    def from_environment(cls, tp_size: int, *, timeout=None, use_cpu: bool = False) -> "ParallelContext":
         """Build the mesh over the default process group, initialising it if needed.
 
         Under ``torchrun``/``accelerate launch`` the environment (``RANK``, ``WORLD_SIZE``, ...)
         describes the world; without it the world is this single process.
         """
-        device, backend = default_device_and_backend()
+        device, backend = default_device_and_backend(use_cpu=use_cpu)
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         dp_size = check_layout(world_size, tp_size)
         if device.type == "cpu":

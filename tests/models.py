@@ -64,3 +64,24 @@ def tiny_model(family: str, *, seed: int = 0, dtype=torch.float32, **overrides):
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model
+
+
+# Multi-query attention (1 KV head) with separate k/v projections: at tp=2 and tp=4 the single KV
+# head is replicated on every rank, and only k_proj/v_proj may carry that replicated block.
+MORE_FAMILIES["llama_mqa"] = lambda: T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=1, vocab_size=96)
+ALL_FAMILIES["llama_mqa"] = MORE_FAMILIES["llama_mqa"]
+
+# MoE decoders (transformers 5 fused 3-D experts): 4 experts, top-2, the load-balancing loss in the loss
+# (output_router_logits with a non-zero coefficient). Built by tests/test_moe.py, not by tiny_model.
+_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+            num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.05,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE_FAMILIES = {
+    "mixtral": lambda: T.MixtralConfig(intermediate_size=48, num_local_experts=4, head_dim=16, **_MOE),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                          shared_expert_intermediate_size=64, **_MOE),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=16,
+                                          **_MOE),
+    "olmoe": lambda: T.OlmoeConfig(intermediate_size=48, num_experts=4, **_MOE),
+}

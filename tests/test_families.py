@@ -55,6 +55,7 @@ TP2_CASES["llama+user-plan"] = ("llama", {"model.layers.*.mlp.*": "replicated"})
 TP4_CASES = {"llama": ("llama", None),    # 2 kv heads on 4 ranks: each kv head replicated on 2 ranks
              "falcon": ("falcon", None),  # multi-query: the single kv head on all 4 ranks
              "gpt2": ("gpt2", None)}      # fused c_attn split in quarters
+TP4_CASES["llama_mqa"] = ("llama_mqa", None)  # separate k/v projections of 1 kv head, on all 4 ranks
 
 
 def tp_suite(tp, cases, split_norms=None):
@@ -110,11 +111,11 @@ def test_tp4_matches_unsharded(tp4, name):
 
 
 def test_replicated_moe_experts_are_a_loud_warning_in_the_plan():
-    # transformers >= 5.2x plans no longer name the experts: the planner leaves the fused 3-D expert
-    # weights replicated, and the plan must say so (never a silent replication)
+    # experts the planner cannot split (here: an intermediate width of 95, odd, at tp=2) stay
+    # replicated, and the plan says so (never a silent replication); test_moe covers the split ones
     import transformers as T
 
-    cfg = T.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = T.MixtralConfig(hidden_size=64, intermediate_size=95, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=96, num_local_experts=2)
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(cfg)
@@ -122,7 +123,8 @@ def test_replicated_moe_experts_are_a_loud_warning_in_the_plan():
     experts = [w for w in plan.warnings if "model.layers.*.mlp.experts" in w]
     assert len(experts) == 1 and "MoE experts" in experts[0] and "replicated on every rank" in experts[0]
     assert "WARNING: MoE experts" in plan.table()
-    # 2 experts of 3 x 64 x 96 per layer against 4 x 64 x 64 of attention: most of the model
+    assert any("MoE experts left replicated" in note for note in plan.notes)
+    # 2 experts of 3 x 64 x 95 per layer against 4 x 64 x 64 of attention: most of the model
     assert plan.sharded_fraction() < 0.5
     assert f"{plan.sharded_fraction():.1%} of parameters sharded" in plan.summary()
 

@@ -83,13 +83,8 @@ class TPTrainingArguments(TrainingArguments):
         return self.tp_size > 1 or self.zero_stage > 0
 
     def user_tp_plan(self) -> dict[str, str] | None:
-        if self.tp_plan in (None, "", "auto"):
-            return None
-        try:
-            plan = json.loads(self.tp_plan)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"tp_plan must be 'auto' or a JSON object of pattern -> style, got {self.tp_plan!r} "
-                             f"({err})") from None
-        if not isinstance(plan, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plan.items()):
-            raise ValueError(f"tp_plan must map module patterns (str) to styles (str), got {self.tp_plan!r}")
-        return plan
+        """The ``tp_plan`` override as a dict (``None`` for 'auto'); malformed JSON, a non-object or an
+        unknown style is a ValueError naming ``tp_plan``, the value and the expected form."""
+        from .planner.validate import parse_tp_plan
+
+        return parse_tp_plan(self.tp_plan, option="tp_plan")

@@ -46,16 +46,22 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory, config.json, or model type")
     parser.add_argument("--tp-size", type=int, required=True)
-    parser.add_argument("--tp-plan", default=None, help="JSON mapping of module patterns to styles (overrides)")
+    parser.add_argument("--tp-plan", default=None, help="JSON object mapping module patterns to styles (overrides), "
+                        "e.g. '{\"model.layers.*.mlp.down_proj\": \"rowwise\"}'")
     parser.add_argument("--full", action="store_true", help="one row per module instead of one per layer pattern")
     args = parser.parse_args(argv)
 
     from ..planner import PlanError, plan_tensor_parallel
+    from ..planner.validate import parse_tp_plan
 
+    try:  # a malformed --tp-plan is a usage error: named before any model is built
+        user_plan = parse_tp_plan(args.tp_plan, option="--tp-plan")
+    except ValueError as err:
+        print(f"tp-trainer plan: {err}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.model)
         model = meta_model(config)
-        user_plan = json.loads(args.tp_plan) if args.tp_plan else None
         plan = plan_tensor_parallel(model, args.tp_size, user_plan=user_plan)
     except (ValueError, PlanError, OSError) as err:
         print(f"tp-trainer plan: cannot plan {args.model} at tp_size={args.tp_size}: {err}", file=sys.stderr)

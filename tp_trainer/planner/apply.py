@@ -19,6 +19,7 @@ from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallel
 from ..parallel.norms import is_per_token_norm, split_norm_over_tokens
 from ..parallel.rmsnorm import fuse_rms_norm
 from ..parallel.sharding import block_spec, contiguous_spec
+from .experts import shard_fused_experts
 from .plan import Plan, PlanEntry, Style
 
 logger = logging.get_logger(__name__)
@@ -99,6 +100,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             spec_for = _spec_factory(entry, context)
             for pname, p in list(mod.named_parameters(recurse=False)):
                 setattr(mod, pname, sharded_parameter(p, spec_for(tuple(p.shape), 0), p.requires_grad))
+            continue
+        elif style == Style.EXPERTS:  # MoE experts: TP inside every expert, f/g hooked around the module
+            shard_fused_experts(mod, context, name=name)
             continue
         elif style == Style.REPLICATED_GRAD_SUM:
             for p in mod.parameters(recurse=False):

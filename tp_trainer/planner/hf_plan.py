@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from .plan import Style
 
-# HF style -> (our style, note). Styles absent here are rejected with the module named.
+# HF style -> (our style, note). Styles absent here are unknown: a model's own plan falls back to the
+# structural rules for that module (with a warning), a user's plan is refused (planner.py).
 _HF_STYLES: dict[str, tuple[Style, str]] = {
     "colwise": (Style.COLWISE, ""),
     "colwise_rep": (Style.COLWISE_GATHER, ""),
@@ -26,15 +27,15 @@ _HF_STYLES: dict[str, tuple[Style, str]] = {
 }
 
 
-def translate_hf_style(hf_style: str, *, module: str) -> tuple[Style, str]:
-    try:
-        return _HF_STYLES[hf_style]
-    except KeyError:
-        supported = ", ".join(sorted(_HF_STYLES) + [s.value for s in Style])
-        raise ValueError(
-            f"{module}: tensor-parallel style {hf_style!r} is not supported by tp_trainer "
-            f"(supported: {supported}). Override it with tp_plan={{'{module}': 'replicated'}} or another style."
-        ) from None
+def translate_hf_style(hf_style: str) -> tuple[Style, str] | None:
+    """``(our style, note)`` for a Hugging Face style name, ``None`` when tp_trainer does not know it
+    (transformers keeps adding styles; the caller decides whether that is an error or a fallback)."""
+    return _HF_STYLES.get(hf_style)
+
+
+def known_style_names() -> list[str]:
+    """Every style name a plan may use: ours, then Hugging Face's that we translate."""
+    return [s.value for s in Style] + sorted(set(_HF_STYLES) - {s.value for s in Style})
 
 
 def hf_plan_of(model: nn.Module) -> dict[str, str]:

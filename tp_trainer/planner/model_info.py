@@ -58,6 +58,33 @@ def module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
 
 
+# Attention implementations that run on ``meta`` tensors; a twin of a model configured for another
+# (flash kernels, a registered custom one) uses eager attention: the kernel never changes a shape.
+META_ATTENTION = (None, "eager", "sdpa")
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A fresh ``type(model)`` built on the ``meta`` device from a deep copy of its config (no memory)."""
+    config = copy.deepcopy(model.config)
+    if getattr(config, "_attn_implementation", None) not in META_ATTENTION:
+        config._attn_implementation = "eager"
+    if hasattr(config, "_experts_implementation"):  # MoE: grouped_mm has no fp32 meta kernel, eager needs nonzero()
+        config._experts_implementation = "batched_mm"
+    with torch.device("meta"):
+        return type(model)(config)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are empty ``meta`` tensors (ties kept): a
+    twin that keeps what was changed after construction (swapped modules), at no memory cost."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def call_order(model: nn.Module) -> list[str] | None:
     """Names of parameter-owning modules in first-call order of a forward on a meta twin.
 
@@ -65,8 +92,7 @@ def call_order(model: nn.Module) -> list[str] | None:
     back to registration order.
     """
     try:
-        with torch.device("meta"):
-            twin = type(model)(copy.deepcopy(model.config))
+        twin = meta_twin(model)
         order: list[str] = []
         seen: set[str] = set()
 

@@ -27,6 +27,7 @@ class Style(str, enum.Enum):
     REPLICATED = "replicated"                # full copy on every rank, identical gradients
     REPLICATED_GRAD_SUM = "replicated_grad_sum"  # full copy fed split activations: grads summed over TP
     HEAD_SHARDED = "head_sharded"            # per-head parameters (dim 0 = heads) split with the heads
+    EXPERTS = "experts_tp"                   # fused MoE experts: gate/up per expert split, down along its input
 
     def __str__(self) -> str:
         return self.value
@@ -36,7 +37,7 @@ class Style(str, enum.Enum):
 REPLICATED_WARN_FRACTION = 0.10
 
 SHARDED_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT,
-                  Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED}
+                  Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED, Style.EXPERTS}
 
 
 @dataclass(frozen=True)

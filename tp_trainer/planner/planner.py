@@ -18,6 +18,12 @@ Head counts are checked here: ``tp`` must divide the query heads; key/value head
 when ``tp`` divides them and replicated on ``tp / K`` ranks each when ``K`` divides ``tp``.
 Any other case, and any linear the rules cannot place, is a ``ValueError`` naming the module
 and the fix, raised before a single weight is touched.
+
+A style in the model's HF plan that tp_trainer does not know (or that does not fit its module)
+falls back to the structural rules, with a warning in ``plan.warnings``; in the user's plan it
+is an error, as are patterns that match nothing and linear styles on non-linear modules. Last,
+:func:`~tp_trainer.planner.validate.validate_plan` runs one training step of rank 0's shards on
+a meta-device twin: a split that does not fit its neighbours is a ``PlanError`` there.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from collections import defaultdict
 
 import torch.nn as nn
 
+from .experts import plan_experts
 from .families import attention_hooks, fused_layout, kv_replicas, layout_blocks
 from .hf_plan import hf_plan_of, translate_hf_style
 from .model_info import ModelDims, call_order, is_linear, layer_lists, linear_shape, model_dims
 from .plan import AttentionPatch, Plan, PlanEntry, Style, match_plan, pattern_to_regex
+from .validate import (PlanError, check_plan_mapping, check_styles_fit_modules, check_user_plan, style_misfit,
+                       user_style, validate_plan)
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "num_kv")
@@ -37,8 +46,7 @@ WIDTH_ATTRS = ("split_size", "embed_dim", "hidden_size", "all_head_size", "inner
 KV_WIDTH_ATTRS = ("kv_dim",)
 
 
-class PlanError(ValueError):
-    """The model cannot be split as asked; the message names the module/value and the fix."""
+# PlanError (the model cannot be split as asked) lives in validate.py and is re-exported here.
 
 
 def check_heads(dims: ModelDims, tp: int) -> None:
@@ -53,17 +61,12 @@ def check_heads(dims: ModelDims, tp: int) -> None:
             f"Use a tp_size that divides or is a multiple of {dims.kv_heads}.")
 
 
-def _user_style(style: str) -> Style:
-    try:
-        return Style(style)
-    except ValueError:
-        return translate_hf_style(style, module="(user plan)")[0]
-
-
 def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str, str] | None = None) -> Plan:
     """Compute the :class:`~tp_trainer.planner.plan.Plan` of ``model`` for ``tp_size`` ranks."""
     if tp_size < 1:
         raise PlanError(f"tp_size must be >= 1, got {tp_size}")
+    if user_plan is not None:
+        check_plan_mapping(user_plan)  # types and style names, before anything is computed
     dims = model_dims(model)
     plan = Plan(tp_size=tp_size, model_type=dims.model_type, entries={})
     if tp_size == 1:
@@ -80,7 +83,9 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
     rank_of = {n: i for i, n in enumerate(order)}
 
     rule_entries = _structural_rules(model, modules, names, order, rank_of, dims, tp_size, plan)
+    rule_entries.update(plan_experts(model, modules, dims, tp_size, plan))  # MoE experts: TP inside each expert
     hf = hf_plan_of(model)
+    fallbacks: dict[str, str] = {}  # HF pattern -> warning: its style was unknown or misfit, the rules decided
     fused_owners = {n.rsplit(".", 1)[0] for n, e in rule_entries.items() if "fused" in e.reason}
     entries: dict[str, PlanEntry] = {}
     for name in order + [n for n in rule_entries if n not in rank_of]:
@@ -90,22 +95,27 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
         entry = rule
         hit = match_plan(hf, name) if hf else None
         if hit is not None:
-            entry = _from_hf(name, hit, rule, modules[name], dims, tp_size, fused_owners)
+            entry = _from_hf(name, hit, rule, modules, model, dims, tp_size, fused_owners, fallbacks)
         if user_plan:
             uhit = match_plan(user_plan, name)
             if uhit is not None:
-                style = _user_style(uhit[1])
-                blocks = rule.blocks if rule is not None and style in (Style.COLWISE, Style.ROWWISE) else None
+                style = user_style(*uhit)
+                # a fused layout describes the dim the rule splits: it carries over only to the same style
+                blocks = rule.blocks if rule is not None and style == rule.style else None
                 entry = PlanEntry(style, "user", f"user plan {uhit[0]!r}: {uhit[1]}", blocks)
         if entry is None:
             entry = PlanEntry(Style.REPLICATED, "rule", "no rule shards it (norm, bias-only or position table)")
         entries[name] = entry
     _demote_grad_sum_after_gathers(entries)
     plan.entries = entries
+    if user_plan:
+        check_user_plan(user_plan, model, set(entries))
+    check_styles_fit_modules(plan, model, modules)
     _check_linears_placed(model, modules, plan)
     plan.patches = _attention_patches(model, modules, plan, dims, tp_size)
     plan.param_counts = _own_param_counts(modules, entries)
-    plan.warnings = _replication_warnings(plan, modules)
+    plan.warnings = list(fallbacks.values()) + _replication_warnings(plan, modules)
+    validate_plan(model, plan)  # a meta-device training step of rank 0's shards: shape errors raise here
     return plan
 
 
@@ -138,8 +148,8 @@ def _replication_warnings(plan: Plan, modules: dict[str, nn.Module]) -> list[str
         if any(_is_experts(modules[n]) for n in members):
             warnings.append(
                 f"MoE experts {pattern} are replicated on every rank ({fraction:.0%} of the parameters): "
-                f"tp_trainer does not shard expert weights yet, so each rank holds all of them and their "
-                f"gradients. Expect per-rank memory well above 1/tp of the model.")
+                f"tp_trainer cannot split this expert layout (the plan's note says why), so each rank holds "
+                f"all of them and their gradients. Expect per-rank memory well above 1/tp of the model.")
         elif any(is_linear(modules[n]) for n in members):
             warnings.append(
                 f"{pattern} is replicated on every rank ({fraction:.0%} of the parameters; {reason}). To shard it, "
@@ -152,9 +162,22 @@ def _replication_warnings(plan: Plan, modules: dict[str, nn.Module]) -> list[str
     return warnings
 
 
-def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp, fused_owners: set[str]) -> PlanEntry:
+def _from_hf(name, hit, rule: PlanEntry | None, modules, model, dims, tp, fused_owners: set[str],
+             fallbacks: dict[str, str]) -> PlanEntry | None:
+    """The entry the model's own HF plan gives ``name``; a style we do not know, or one that does not fit
+    the module's type, falls back to the structural ``rule`` with a warning (never a guessed split)."""
     pattern, hf_style = hit
-    style, note = translate_hf_style(hf_style, module=name)
+    module = modules[name]
+    translated = translate_hf_style(hf_style)
+    misfit = None if translated is None else style_misfit(name, PlanEntry(translated[0], "hf-plan", ""), module, model)
+    if translated is None or misfit is not None:
+        used = f"{rule.style}{rule.describe_layout()} ({rule.reason})" if rule is not None else "replicated"
+        problem = (f"its style {hf_style!r} is not one tp_trainer knows" if translated is None
+                   else f"its style {hf_style!r} does not fit: {misfit}")
+        fallbacks.setdefault(pattern, f"the model's HF tp_plan entry {pattern!r}: {problem}; the structural rules "
+                                      f"decided instead: {used}.")
+        return rule
+    style, note = translated
     blocks = rule.blocks if rule is not None else None
     reason = f"HF plan {pattern!r}: {hf_style}" + (f" ({note})" if note else "")
     if style == Style.COLWISE_GATHER and rule is not None and rule.style == Style.LM_HEAD:
@@ -169,13 +192,19 @@ def _from_hf(name, hit, rule: PlanEntry | None, module, dims, tp, fused_owners: 
         return PlanEntry(Style.ROWWISE, "hf-plan", reason + "; input already split by the upgraded colwise",
                          rule.blocks)
     if style == Style.COLWISE and blocks is None and is_linear(module):
-        blocks = _separate_projection_blocks(linear_shape(module)[1], dims, tp)
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+        blocks = _separate_projection_blocks(linear_shape(module)[1], owner, dims, tp)
     return PlanEntry(style, "hf-plan", reason, blocks)
 
 
-def _separate_projection_blocks(out_features: int, dims: ModelDims, tp: int):
-    """A separate k/v projection with fewer KV heads than ranks gets replicated heads."""
-    if dims.kv_heads != dims.heads and out_features == dims.kv_heads * dims.head_dim and kv_replicas(dims, tp) > 1:
+def _separate_projection_blocks(out_features: int, owner: nn.Module, dims: ModelDims, tp: int):
+    """A separate k/v projection with fewer KV heads than ranks gets replicated heads.
+
+    Only inside an attention module: an MLP (or any other sub-block) whose width happens to equal
+    ``kv_heads * head_dim`` (1 KV head of 128 next to an intermediate size of 128) is split plainly;
+    replicating it would give its row-parallel partner a full-width input."""
+    if (_is_attention(owner) and dims.kv_heads != dims.heads and out_features == dims.kv_heads * dims.head_dim
+            and kv_replicas(dims, tp) > 1):
         return ((out_features, kv_replicas(dims, tp)),)
     return None
 
@@ -254,7 +283,7 @@ def _place_sub_block(owner, linears, modules, order, rank_of, dims, tp, entries,
                                 f"({dims.heads}+2x{dims.kv_heads} heads of {dims.head_dim}) of unknown layout; "
                                 f"splitting it contiguously would mix heads. Pass tp_plan={{'{n}': 'colwise_gather_output', "
                                 f"'{row}': 'rowwise_split_input'}} or add its layout to tp_trainer/planner/families.py")
-            blocks = _separate_projection_blocks(out, dims, tp)
+            blocks = _separate_projection_blocks(out, owner_mod, dims, tp)
             reason = f"feeds {row.rsplit('.', 1)[1]}: output split" + (" (KV heads replicated)" if blocks else "")
         _check_divisible(n, out, blocks, tp)
         entries[n] = PlanEntry(Style.COLWISE, "rule", reason, blocks)

@@ -91,20 +91,20 @@ def tiny_moe(family: str, seed: int = 0):
 # ---------------------------------------------------------------------------- the runs
 def train_steps(family, tp):
     ctx = ParallelContext.from_environment(tp)
-    model = tiny_moe(family)
+    model = tiny_moe(family).to(ctx.device)  # the test device (tests/distributed.py): CPU or the rank's GPU
     plan = plan_tensor_parallel(model, tp)
     apply_tensor_parallel(model, plan, ctx)
     local_counts = {n: p.numel() for n, p in model.named_parameters()}
     opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), ctx, stage=0)
-    batches = torch.randint(0, 96, (STEPS, 4, 16), generator=torch.Generator().manual_seed(1))
+    batches = torch.randint(0, 96, (STEPS, 4, 16), generator=torch.Generator().manual_seed(1)).to(ctx.device)
     losses, aux, norms, grads, router = [], [], [], None, None
     for step in range(STEPS):
         out = model(input_ids=batches[step], labels=batches[step])
         out.loss.backward()
         opt.finish_grad_sync()
         if step == 0:
-            router = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(ROUTER)}
-            grads = {name: g.clone() for name, g in iter_full_state(model, ctx.tp_group, grads=True)}
+            router = {n: p.grad.cpu().clone() for n, p in model.named_parameters() if n.endswith(ROUTER)}
+            grads = {name: g.cpu().clone() for name, g in iter_full_state(model, ctx.tp_group, grads=True)}
         norms.append(opt.clip_grad_norm(1.0).item())
         opt.step()
         model.zero_grad()
@@ -180,7 +180,7 @@ def test_router_gradients_are_identical_on_every_rank(tp2, tp4, family):
 def _theory(family, tp):
     """Per-rank parameter elements from the plan: the experts' projections and every other sharded tensor
     1/tp (a fused block replicated on r ranks r/tp), row-parallel biases and replicated tensors whole."""
-    model = tiny_moe(family)
+    model = tiny_moe(family).to(ctx.device)  # the test device (tests/distributed.py): CPU or the rank's GPU
     plan = plan_tensor_parallel(model, tp)
     modules = dict(model.named_modules())
     total, experts, seen = 0, 0, set()

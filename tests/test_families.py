@@ -120,7 +120,8 @@ def test_replicated_moe_experts_are_a_loud_warning_in_the_plan():
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(cfg)
     plan = plan_tensor_parallel(model, 2)
-    # (transformers < 5.24 also name the experts in their own plan with a style we fall back from: a warning of its own)
+    # (older transformers releases, 5.23 among them, name the experts in their own plan with a style we do not
+    # know: the fallback from it is a warning of its own)
     experts = [w for w in plan.warnings if w.startswith("MoE experts model.layers.*.mlp.experts")]
     assert len(experts) == 1 and "replicated on every rank" in experts[0]
     assert "WARNING: MoE experts" in plan.table()

@@ -180,7 +180,7 @@ def test_router_gradients_are_identical_on_every_rank(tp2, tp4, family):
 def _theory(family, tp):
     """Per-rank parameter elements from the plan: the experts' projections and every other sharded tensor
     1/tp (a fused block replicated on r ranks r/tp), row-parallel biases and replicated tensors whole."""
-    model = tiny_moe(family).to(ctx.device)  # the test device (tests/distributed.py): CPU or the rank's GPU
+    model = tiny_moe(family)
     plan = plan_tensor_parallel(model, tp)
     modules = dict(model.named_modules())
     total, experts, seen = 0, 0, set()
@@ -273,7 +273,7 @@ class _Ctx:
     """A context without a group: f and g are identities, so rank r's module returns its partial output."""
 
     def __init__(self, rank, size):
-        self.tp_rank, self.tp_size, self.tp_group = rank, size, None
+        self.tp_rank, self.tp_size, self.tp_group, self.tp_comm = rank, size, None, None
 
 
 def _experts_modules():

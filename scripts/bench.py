@@ -41,6 +41,8 @@ Our layouts, the single process included, run causal attention through tp_traine
 its fused backward (``tp_trainer/parallel/rmsnorm.py``, which ``apply_tensor_parallel`` installs at
 every tp size), so the ``single / 2`` ideal has the same kernels as the TP layouts and the ratio
 measures only what TP adds; the peers run transformers' ``sdpa`` and norms as their users do.
+``--cpu-kernels off`` gives our layouts the stock modules and gloo's collectives instead
+(``tp_trainer/parallel/kernels.py``, TPTrainer's ``--cpu_kernels off``).
 
 ``--compile 1`` runs our layouts' forward and backward through ``torch.compile`` (the single
 process too, so ``single / 2`` stays like for like; the first warm-up step compiles), which is what
@@ -110,6 +112,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     compile: int = 0  # 1: torch.compile our layouts' models (the single process too), as --torch_compile does
+    cpu_kernels: str = "auto"  # our layouts' kernels and transports, as TPTrainer's --cpu_kernels (auto|off)
 
 
 # ================================================================================ worker side
@@ -211,7 +214,7 @@ class _OurRun(_Run):
     """tp_trainer's layout ``tp`` x ZeRO-``zero`` on this rank; ``ctx`` (default: the launch's
     ``ParallelContext``) lets ``scripts/rank_share.py`` run rank 0 on a simulated TP group."""
 
-    def __init__(self, model_dir, dtype, tp, zero, lr, ctx=None, compiled=False):
+    def __init__(self, model_dir, dtype, tp, zero, lr, ctx=None, compiled=False, cpu_kernels="auto"):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -220,10 +223,11 @@ class _OurRun(_Run):
         from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
         from tp_trainer.zero import ShardedOptimizer
 
-        self.ctx = ctx if ctx is not None else ParallelContext.from_environment(tp)
+        self.ctx = ctx if ctx is not None else ParallelContext.from_environment(tp, cpu_kernels=cpu_kernels)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), self.ctx)
-        use_cpu_attention(model, self.ctx.device)  # every layout, the single process included
+        if self.ctx.kernels.cpu_attention:  # every layout, the single process included
+            use_cpu_attention(model)
         model.train()
         self.model = model
         self._forward = torch.compile(model) if compiled else model  # compiles on the first (warm-up) step
@@ -233,9 +237,7 @@ class _OurRun(_Run):
 
     def _shm(self):
         """The TP group's shared-memory transport, or ``None`` (no TP group, or the backend's collectives)."""
-        from tp_trainer.parallel.collectives import all_reduce_transport
-
-        return all_reduce_transport(self.ctx.tp_group)
+        return self.ctx.tp_comm.transport if self.ctx.tp_comm is not None else None
 
     def comm_counters(self) -> dict:
         shm = self._shm()
@@ -376,7 +378,7 @@ def worker(args) -> None:
     rss0 = _rss_bytes()
     if args.runner in LAYOUTS:
         _, tp, zero = LAYOUTS[args.runner]
-        run = _OurRun(args.model_dir, dtype, tp, zero, cfg.lr, compiled=bool(cfg.compile))
+        run = _OurRun(args.model_dir, dtype, tp, zero, cfg.lr, compiled=bool(cfg.compile), cpu_kernels=cfg.cpu_kernels)
     elif args.runner == "hf_native_tp":
         run = _HFNativeTPRun(args.model_dir, dtype, 2, cfg.lr)
     elif args.runner == "deepspeed_autotp":

@@ -21,7 +21,7 @@ benchmark's single process does (the real tp=2 rank also token-splits its 16-bit
 
 Eager runs add a third model to the rotation: tp_trainer's own tp=2 rank 0 (the benchmark's
 weights, planned and sharded as ``scripts/bench.py`` does, stepped by ``ShardedOptimizer``) on
-a simulated TP group (``collectives.simulated_group``: each all-reduce copies its input, each
+a simulated TP group (``parallel/simulated.py``: each all-reduce copies its input, each
 all-gather repeats it, nothing waits for a peer), printed as
 
     our rank / share       the cost of our TP code itself, beyond the work the rank must do
@@ -65,7 +65,7 @@ def _stepper(cfg: bench.BenchConfig, dtype, model_dir: str, *, share: bool, comp
 def _our_rank_stepper(cfg: bench.BenchConfig, dtype, model_dir: str, *, compiled: bool = False):
     """Rank 0 of tp_trainer's tp=2 benchmark layout (``bench._OurRun``, the benchmark's own code
     path), on a simulated TP group (see the module docstring)."""
-    from tp_trainer.parallel.collectives import simulated_group
+    from tp_trainer.parallel.simulated import simulated_group
     from tp_trainer.parallel.context import ParallelContext
 
     ctx = ParallelContext(tp_size=2, tp_rank=0, tp_group=simulated_group(2))

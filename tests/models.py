@@ -85,3 +85,70 @@ MOE_FAMILIES = {
                                           **_MOE),
     "olmoe": lambda: T.OlmoeConfig(intermediate_size=48, num_experts=4, **_MOE),
 }
+
+
+# Encoders, encoder-decoders and heads other than a causal LM (tests/test_encoders.py): hidden 64, 4 heads
+# of 16, 2 layers, vocab 96, dropout 0. name -> (config, model class).
+_ENC = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=96,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+ENCODERS = {
+    "bert_mlm": (lambda: T.BertConfig(**_ENC), "BertForMaskedLM"),
+    "bert_seq_cls": (lambda: T.BertConfig(**_ENC, num_labels=3), "BertForSequenceClassification"),
+    "bert_token_cls": (lambda: T.BertConfig(**_ENC, num_labels=5), "BertForTokenClassification"),
+    "roberta_mlm": (lambda: T.RobertaConfig(**_ENC, pad_token_id=1), "RobertaForMaskedLM"),
+    "distilbert_mlm": (lambda: T.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=96,
+                                                  dropout=0.0, attention_dropout=0.0, max_position_embeddings=64),
+                       "DistilBertForMaskedLM"),
+    "t5": (lambda: T.T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, vocab_size=96,
+                              dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+           "T5ForConditionalGeneration"),
+    "bart": (lambda: T.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=96,
+                                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                  max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                  decoder_start_token_id=2, forced_eos_token_id=None),
+             "BartForConditionalGeneration"),
+    # fused Wqkv ([q | k | v] viewed [3, heads, d]) and a fused Wi chunked into (input, gate) in forward, whose
+    # name says nothing: the dataflow finds both layouts; its masked-LM loss goes through loss_function
+    "modernbert_mlm": (lambda: T.ModernBertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, vocab_size=96, pad_token_id=0,
+                                                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                                  mask_token_id=3, attention_dropout=0.0, mlp_dropout=0.0,
+                                                  embedding_dropout=0.0),
+                       "ModernBertForMaskedLM"),
+    # attention sinks: a 1-D parameter of one logit per head, split with the heads
+    "gpt_oss": (lambda: T.GptOssConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=96,
+                                       num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"]),
+                "GptOssForCausalLM"),
+}
+
+
+def tiny_encoder(name: str, *, seed: int = 0, dtype=torch.float32):
+    config, cls = ENCODERS[name]
+    cfg = config()
+    torch.manual_seed(seed)
+    return getattr(T, cls)(cfg).to(dtype)
+
+
+class FusedMLP(torch.nn.Module):
+    """A custom MLP: one projection packs [a | b], chunked in forward; nothing in its names says so."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w_in = torch.nn.Linear(hidden, 2 * inter, bias=False)
+        self.w_out = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        a, b = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(torch.nn.functional.silu(a) * b)
+
+
+def fused_mlp_llama(seed: int = 0):
+    """The tiny llama with every MLP replaced by :class:`FusedMLP` (a model changed after construction)."""
+    model = tiny_model("llama", seed=seed)
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        layer.mlp = FusedMLP(64, 96)
+    return model

@@ -76,7 +76,8 @@ def _measure_cases(cases):
         model = tiny_model(family, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         ctx = ParallelContext.from_environment(tp)
         apply_tensor_parallel(model, plan_tensor_parallel(model, tp), ctx)
-        use_cpu_attention(model, ctx.device)
+        if ctx.kernels.cpu_attention:  # as TPTrainer does
+            use_cpu_attention(model)
         if checkpointing:  # as TPTrainer's --activation_checkpointing (no KV cache while it recomputes)
             model.activation_checkpointing_enable()
             model.config.use_cache = False

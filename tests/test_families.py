@@ -66,7 +66,7 @@ def tp_suite(tp, cases, split_norms=None):
 
 def _split_policy(tp):
     """How many replicated norms apply_tensor_parallel splits over tokens by default (on the
-    shared-memory transport): only 16-bit ones (planner/apply.py, _worth_splitting)."""
+    shared-memory transport): only 16-bit ones (parallel/kernels.py, Kernels.splits_norms)."""
     ctx = ParallelContext.from_environment(tp)
     counts = {}
     for dtype in (torch.float32, torch.bfloat16):

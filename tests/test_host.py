@@ -17,9 +17,11 @@ import pytest
 pytestmark = pytest.mark.cpu_only(reason="host malloc tuning: the CPU device's activation memory")
 
 REALLOC_FAULTS = r"""
-import ctypes, ctypes.util, resource
+import ctypes, ctypes.util, os, resource
 from tp_trainer.parallel.host import keep_freed_memory_in_heap
-applied = keep_freed_memory_in_heap()
+from tp_trainer.parallel.kernels import choose_kernels
+# what ParallelContext does: tune where the kernels decision (TP_TRAINER_CPU_MALLOC included) says so
+applied = choose_kernels("cpu", "gloo").malloc_tuning and keep_freed_memory_in_heap()
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

@@ -1,4 +1,4 @@
-"""TP layers against their dense counterparts on 2 ranks: outputs, input gradients, weight gradients.
+"""TP layers and mappings against their dense counterparts on 2 ranks: outputs, input gradients, weight gradients.
 
 On the CPU every check runs twice: with the TP all-reduces on the shared-memory transport (what
 ParallelContext picks for gloo ranks on one host) and on gloo itself (the fallback across hosts).
@@ -10,6 +10,7 @@ moves results by a few ulps: atol 1e-5 on O(1) values.
 """
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import TEST_BACKEND, run_distributed
-from tp_trainer.parallel import collectives
-from tp_trainer.parallel.collectives import all_reduce_transport
+from tp_trainer.parallel import mappings
+from tp_trainer.parallel.collectives import TPComm
 from tp_trainer.parallel.context import ParallelContext
 from tp_trainer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from tp_trainer.parallel.gather import gather_full
@@ -60,8 +61,8 @@ def _mlp_case(ctx, up, down, x, compiled=False):
     xd = x.clone().requires_grad_(True)
     y_ref = down(F.gelu(up(xd)))
     y_ref.square().sum().backward()
-    col = ColumnParallelLinear.from_module(up, _spec(ctx), ctx.tp_group)
-    row = RowParallelLinear.from_module(down, _spec(ctx), ctx.tp_group)
+    col = ColumnParallelLinear.from_module(up, _spec(ctx), ctx.tp_comm)
+    row = RowParallelLinear.from_module(down, _spec(ctx), ctx.tp_comm)
     xt = x.clone().requires_grad_(True)
     mlp = (lambda a: row(F.gelu(col(a))))
     y = (_compiled(mlp) if compiled else mlp)(xt)
@@ -75,13 +76,14 @@ def _mlp_case(ctx, up, down, x, compiled=False):
 def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False, all_reduces=None):
     """q/k/v column-parallel layers reading one activation ``h = 2 x`` that a replicated path also
     reads (the residual stream): ``loss = sum over used outputs of (out * u)^2 + sum(h * r)``. The
-    input gradients of the used layers are summed locally and all-reduced once (layers.py).
+    layers share one ``f`` node (``mappings.copy_to_tp_region_once``): their input gradients are
+    summed locally and all-reduced once.
     ``all_reduces``: a list that receives the shapes of the out-of-place all-reduces of the TP run."""
     torch.manual_seed(1)
     mods = {"q": nn.Linear(8, 8), "k": nn.Linear(8, 4), "v": nn.Linear(8, 4, bias=False)}
     up = {n: torch.randn(3, 5, m.out_features) for n, m in mods.items()}
     r = torch.randn(3, 5, 8)
-    tp_mods = {n: ColumnParallelLinear.from_module(m, _spec(ctx), ctx.tp_group) for n, m in mods.items()}
+    tp_mods = {n: ColumnParallelLinear.from_module(m, _spec(ctx), ctx.tp_comm) for n, m in mods.items()}
     tp_up = {n: u.chunk(2, -1)[ctx.tp_rank] for n, u in up.items()}
 
     def loss(layers, upstream, a):
@@ -106,18 +108,19 @@ def _qkv_case(ctx, x, use=("q", "k", "v"), autocast=False, compiled=False, all_r
 
 @contextlib.contextmanager
 def _counting_all_reduces():
-    """Lists the out-of-place TP all-reduces issued inside the block (compiled graphs' all go through it)."""
-    calls, inner = [], collectives._all_reduced_copy
+    """Lists the out-of-place TP all-reduces issued inside the block (eager calls and compiled graphs'
+    custom operators all end in ``TPComm.all_reduced_copy``)."""
+    calls, inner = [], TPComm.all_reduced_copy
 
-    def counted(tensor, group):
+    def counted(comm, tensor):
         calls.append(tuple(tensor.shape))
-        return inner(tensor, group)
+        return inner(comm, tensor)
 
-    collectives._all_reduced_copy = counted
+    TPComm.all_reduced_copy = counted
     try:
         yield calls
     finally:
-        collectives._all_reduced_copy = inner
+        TPComm.all_reduced_copy = inner
 
 
 def _rel_diff(a, b):
@@ -126,25 +129,25 @@ def _rel_diff(a, b):
 
 def _shared_input_cases(ctx):
     x = torch.randn(3, 5, 8)
-    out = {"shared_input": _qkv_case(ctx, x),
-           # k's output gets no gradient: its backward never runs; the hook on the input reduces the rest
-           "shared_input_unused_output": _qkv_case(ctx, x, use=("q", "v"))}
+    out = {"shared_input_all_reduces": [], "shared_input_compiled_all_reduces": []}
+    out["shared_input"] = _qkv_case(ctx, x, all_reduces=out["shared_input_all_reduces"])
+    # k's output gets no gradient: the shared f node sums what q and v send
+    out["shared_input_unused_output"] = _qkv_case(ctx, x, use=("q", "v"))
     # bf16 autocast (Trainer --bf16 on fp32 weights) vs the dense layers under the same autocast:
     # both compute in bf16 and TP splits the output columns, so dx differs by bf16 rounding of the
     # partial products (2^-8 relative each): relative diffs, measured 2e-3, checked at AUTOCAST_RTOL.
     out["shared_input_autocast_bf16"] = _qkv_case(ctx, x, autocast=True)
-    reduces = out["shared_input_compiled_all_reduces"] = []
-    out["shared_input_compiled"] = _qkv_case(ctx, x, compiled=True, all_reduces=reduces)
-    # Without a replicated reader, an unused sibling leaves the input with no way to complete its gradient
-    col = ColumnParallelLinear.from_module(nn.Linear(8, 4), _spec(ctx), ctx.tp_group)
-    xt = x.clone().requires_grad_(True)
+    out["shared_input_compiled"] = _qkv_case(ctx, x, compiled=True,
+                                             all_reduces=out["shared_input_compiled_all_reduces"])
+    # An unused sibling and no replicated reader of the input: its gradient is the used layer's alone
+    lin = nn.Linear(8, 4)
+    col = ColumnParallelLinear.from_module(lin, _spec(ctx), ctx.tp_comm)
+    xd, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (lin(xd * 2) * 3).sum().backward()
     h = xt * 2
     used, unused = col(h), col(h)  # noqa: F841
-    try:
-        used.sum().backward()
-        out["unused_output_error"] = "no error"
-    except RuntimeError as e:
-        out["unused_output_error"] = str(e)
+    (used * 3).sum().backward()
+    out["shared_input_one_output_used"] = {"dx": _diff(xt.grad, xd.grad)}
     return out
 
 
@@ -160,7 +163,7 @@ def _cross_entropy_cases(ctx):
         local = padded[:, ctx.tp_rank * width:(ctx.tp_rank + 1) * width].to(dtype).clone().requires_grad_(True)
         valid = max(0, min(width, z.shape[-1] - ctx.tp_rank * width))
         loss = vocab_parallel_cross_entropy(local, target, vocab_start=ctx.tp_rank * width, vocab_valid=valid,
-                                            group=ctx.tp_group)
+                                            group=ctx.tp_comm)
         loss.backward()
         return loss, local
 
@@ -188,7 +191,7 @@ def _cross_entropy_cases(ctx):
     # the saved softmax becomes the gradient in place: a second backward must refuse, not go wrong
     local = z[:, :2].clone().requires_grad_(True) if ctx.tp_rank == 0 else F.pad(z[:, 2:], (0, 1)).requires_grad_(True)
     loss = vocab_parallel_cross_entropy(local, target, vocab_start=2 * ctx.tp_rank, vocab_valid=2 - ctx.tp_rank,
-                                        group=ctx.tp_group)
+                                        group=ctx.tp_comm)
     loss.backward(retain_graph=True)
     try:
         loss.backward()
@@ -196,6 +199,58 @@ def _cross_entropy_cases(ctx):
     except RuntimeError as err:
         out["ce_second_backward_error"] = str(err)
     return out
+
+
+def _mappings_case(ctx, compiled=False):
+    """Every wrapper of mappings.py against its definition, forward and backward, in one function (one
+    graph when compiled). Rank ``r``'s inputs and upstream gradients are seeded by ``r``, so each rank
+    computes every rank's: the expected values are sums of two fp32 numbers, in rank order, as the
+    transports add them, and must match exactly (``ATOL`` allows the last ulp anyway)."""
+    group, rank, tp = ctx.tp_comm, ctx.tp_rank, ctx.tp_size
+
+    def seeded(seed, *shape):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(ctx.device)
+
+    def ranks(seed, *shape):  # the tensor every rank r holds
+        return [seeded(1000 * seed + r, *shape) for r in range(tp)]
+
+    def rows(t):
+        return t.chunk(tp, 0)[rank]
+
+    def cols(t):
+        return t.chunk(tp, -1)[rank]
+
+    # name -> (wrapper, input on every rank, upstream gradient on every rank, expected out, expected grad)
+    cases = {}
+    x, u = ranks(1, 4, 6)[0], ranks(2, 4, 6)
+    cases["copy_to_tp_region"] = (mappings.copy_to_tp_region, x, u[rank], x, sum(u))
+    xs, u = ranks(3, 4, 6), ranks(4, 4, 6)[0]
+    cases["reduce_from_tp_region"] = (mappings.reduce_from_tp_region, xs[rank], u, sum(xs), u)
+    xs, u = ranks(5, 4, 6), ranks(6, 4, 6 * tp)[0]
+    cases["gather_from_tp_region"] = (mappings.gather_from_tp_region, xs[rank], u, torch.cat(xs, -1), cols(u))
+    x, u = ranks(7, 4, 6 * tp)[0], ranks(8, 4, 6)
+    cases["scatter_to_tp_region"] = (mappings.scatter_to_tp_region, x, u[rank], cols(x), torch.cat(u, -1))
+    x, u = ranks(9, 4 * tp, 6)[0], ranks(10, 4, 6)
+    cases["scatter_to_sequence_parallel_region"] = (mappings.scatter_to_sequence_parallel_region, x, u[rank], rows(x),
+                                                    torch.cat(u, 0))
+    xs, u = ranks(11, 4, 6), ranks(12, 4 * tp, 6)
+    cases["gather_from_sequence_parallel_region"] = (mappings.gather_from_sequence_parallel_region, xs[rank], u[rank],
+                                                     torch.cat(xs, 0), rows(sum(u)))
+    xs, u = ranks(13, 4, 6), ranks(14, 4 * tp, 6)[0]
+    replicated = functools.partial(mappings.gather_from_sequence_parallel_region, replicated_grad=True)
+    cases["gather_from_sequence_parallel_region_replicated_grad"] = (replicated, xs[rank], u, torch.cat(xs, 0), rows(u))
+    xs, u = ranks(15, 4 * tp, 6), ranks(16, 4, 6)
+    cases["reduce_scatter_to_sequence_parallel_region"] = (mappings.reduce_scatter_to_sequence_parallel_region,
+                                                           xs[rank], u[rank], rows(sum(xs)), torch.cat(u, 0))
+
+    def run(inputs):
+        return [fn(a, group) for (fn, *_), a in zip(cases.values(), inputs)]
+
+    inputs = [c[1].clone().requires_grad_(True) for c in cases.values()]
+    outs = (_compiled(run) if compiled else run)(inputs)
+    sum((o * c[2]).sum() for o, c in zip(outs, cases.values())).backward()
+    return {name: {"y": _diff(o, c[3]), "dx": _diff(a.grad, c[4])}
+            for (name, c), o, a in zip(cases.items(), outs, inputs)}
 
 
 def layer_suite():
@@ -207,7 +262,7 @@ def layer_suite():
 
 
 def _layer_suite(ctx):
-    transport = "shared_memory" if all_reduce_transport(ctx.tp_group) is not None else ctx.backend
+    transport = "shared_memory" if ctx.tp_comm.transport is not None else ctx.backend
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
     out = {"transport": transport}
@@ -218,14 +273,14 @@ def _layer_suite(ctx):
 
     # gather_output returns the full activation, equal to the dense one
     lin = nn.Linear(8, 6)
-    col = ColumnParallelLinear.from_module(lin, _spec(ctx), ctx.tp_group, gather_output=True)
+    col = ColumnParallelLinear.from_module(lin, _spec(ctx), ctx.tp_comm, gather_output=True)
     out["gather_output"] = {"y": _diff(col(x), lin(x))}
 
     # vocab of 7 on 2 ranks: padded to 8; padding_idx lives on rank 1
     emb = nn.Embedding(7, 4, padding_idx=5)
     ids = torch.tensor([[0, 3, 4, 6, 5, 2]])
     pemb = VocabParallelEmbedding.from_module(emb, contiguous_spec((7, 4), 0, ctx.tp_rank, 2, pad_to_multiple=True),
-                                              ctx.tp_group)
+                                              ctx.tp_comm)
     e_ref, e = emb(ids), pemb(ids)
     e_ref.sum().backward()
     (e * 1.0).sum().backward()
@@ -247,12 +302,12 @@ def _layer_suite(ctx):
     hd = h.clone().requires_grad_(True)
     loss_ref = F.cross_entropy(head(hd), target, ignore_index=-100)
     loss_ref.backward()
-    phead = ParallelLMHead.from_module(head, _spec(ctx, pad=True), ctx.tp_group)
+    phead = ParallelLMHead.from_module(head, _spec(ctx, pad=True), ctx.tp_comm)
     ht = h.clone().requires_grad_(True)
     local = phead(ht)
     assert local.shape[-1] == 4  # training mode: local logits only
     loss = vocab_parallel_cross_entropy(local, target, vocab_start=phead.vocab_start, vocab_valid=phead.vocab_valid,
-                                        group=ctx.tp_group)
+                                        group=ctx.tp_comm)
     loss.backward()
     gW = gather_full(phead.weight.grad, phead.weight.tp_spec, ctx.tp_group)
     phead.eval()
@@ -264,6 +319,8 @@ def _layer_suite(ctx):
 
     out.update(_shared_input_cases(ctx))
     out.update(_cross_entropy_cases(ctx))
+    out["mappings"] = _mappings_case(ctx)
+    out["mappings_compiled"] = _mappings_case(ctx, compiled=True)
 
     # A per-token norm split over the tokens (norms.py) vs the same norm unsplit: 2 x 5 tokens
     # split 5 + 5; 3 x 5 tokens are padded to 16 (8 + 8). The weight grad is TP-summed.
@@ -278,14 +335,14 @@ def _layer_suite(ctx):
         split = nn.LayerNorm(8)
         split.load_state_dict(norm.state_dict())
         assert is_per_token_norm(split)
-        split_norm_over_tokens(split, ctx.tp_group, ctx.tp_size)
+        split_norm_over_tokens(split, ctx.tp_comm, ctx.tp_size)
         xn = torch.randn(*tokens, 8)
         upstream = torch.randn(*tokens, 8)
         xd, xs = xn.clone().requires_grad_(True), xn.clone().requires_grad_(True)
         yd, ys = norm(xd), (_compiled(split) if compiled else split)(xs)
         (yd * upstream).sum().backward()
         (ys * upstream).sum().backward()
-        sync_partial_tp_grads(split.parameters(), ctx.tp_group)
+        sync_partial_tp_grads(split.parameters(), ctx.tp_comm)
         out[f"token_split_norm_{tokens[0]}x{tokens[1]}{'_compiled' if compiled else ''}"] = {
             "y": _diff(ys, yd), "dx": _diff(xs.grad, xd.grad), "dW": _diff(split.weight.grad, norm.weight.grad),
             "db": _diff(split.bias.grad, norm.bias.grad)}
@@ -310,8 +367,8 @@ def results(request):
 
 @pytest.mark.parametrize("case", ["linear", "conv1d", "gather_output", "embedding", "token_split_norm_2x5",
                                   "token_split_norm_3x5", "shared_input", "shared_input_unused_output",
-                                  "shared_input_autocast_bf16", "linear_compiled", "conv1d_compiled",
-                                  "shared_input_compiled", "token_split_norm_3x5_compiled"])
+                                  "shared_input_one_output_used", "shared_input_autocast_bf16", "linear_compiled",
+                                  "conv1d_compiled", "shared_input_compiled", "token_split_norm_3x5_compiled"])
 def test_layer_matches_dense(results, case):
     tol = AUTOCAST_RTOL if "autocast" in case else ATOL
     for rank_result in results:
@@ -319,11 +376,23 @@ def test_layer_matches_dense(results, case):
             assert diff < tol, f"{case}.{quantity}: max |tp - dense| = {diff}"
 
 
-def test_compiled_qkv_layers_share_one_input_gradient_all_reduce(results):
-    # compiled, one f node (layers._copy_to_tp) serves q, k and v: autograd sums their partial input
-    # gradients, [3, 5, 8], before a single all-reduce, as the eager layers do
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_every_mapping_is_its_forward_backward_pair(results, compiled):
     for rank_result in results:
-        assert rank_result["shared_input_compiled_all_reduces"] == [(3, 5, 8)]
+        cases = rank_result["mappings_compiled" if compiled else "mappings"]
+        assert len(cases) == 8
+        for name, diffs in cases.items():
+            for quantity, diff in diffs.items():
+                assert diff < ATOL, f"{name}.{quantity}: {diff}"
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_qkv_layers_share_one_input_gradient_all_reduce(results, mode):
+    # one f node (mappings.copy_to_tp_region_once) serves q, k and v: autograd sums their partial input
+    # gradients, [3, 5, 8], before a single all-reduce, in eager and compiled mode alike
+    key = "shared_input_compiled_all_reduces" if mode == "compiled" else "shared_input_all_reduces"
+    for rank_result in results:
+        assert rank_result[key] == [(3, 5, 8)]
 
 
 @pytest.mark.cpu_only(reason="on a GPU the id check is a device-side assert (layers.py), fatal to the CUDA context")
@@ -360,8 +429,3 @@ def test_vocab_parallel_cross_entropy_matches_dense(results, case):
 def test_vocab_parallel_cross_entropy_refuses_a_second_backward(results):
     for r in results:
         assert "backward ran twice" in r["ce_second_backward_error"], r["ce_second_backward_error"]
-
-
-def test_unused_column_output_without_other_reader_fails_loudly(results):
-    for r in results:
-        assert "received no gradient" in r["unused_output_error"], r["unused_output_error"]

@@ -16,7 +16,7 @@ from models import ALL_FAMILIES, tiny_model
 from tp_trainer import PlanError, TPTrainingArguments, plan_tensor_parallel
 from tp_trainer.commands import plan as plan_cli
 from tp_trainer.planner import PlanEntry, Style
-from tp_trainer.planner import planner as planner_module
+from tp_trainer.planner import heads as planner_module  # _is_attention, patched below, lives in heads.py
 from tp_trainer.planner import validate
 
 

@@ -89,8 +89,10 @@ def test_per_head_and_full_width_norms():
 
 
 def test_unknown_fused_qkv_is_refused_not_split_blindly(monkeypatch):
-    # pretend the family table does not know GPTBigCode's fused multi-query c_attn
+    # pretend the family table does not know GPTBigCode's fused multi-query c_attn, and that the dataflow
+    # trace could not follow its output either (tests/test_dataflow.py: it finds the layout on its own)
     monkeypatch.setattr("tp_trainer.planner.planner.fused_layout", lambda *args, **kwargs: None)
+    monkeypatch.setattr("tp_trainer.planner.dataflow.Dataflow.layout", lambda self, name: None)
     with pytest.raises(PlanError, match="transformer.h.0.attn.c_attn .* looks like a fused q/k/v projection"):
         plan_tensor_parallel(tiny_model("gpt_bigcode"), 2)
 

@@ -85,20 +85,38 @@ def test_shared_memory_all_reduce_is_exact(world):
         assert "contiguous" in r["errors"][0] and "PRODUCT" in r["errors"][1]
 
 
-def context_suite():
-    from tp_trainer.parallel.collectives import all_reduce_transport
+def context_suite(cpu_kernels):
     from tp_trainer.parallel.context import ParallelContext
 
-    ctx = ParallelContext.from_environment(2)
-    return {"transport": all_reduce_transport(ctx.tp_group) is not None, "describe": ctx.describe()}
+    ctx = ParallelContext.from_environment(2, cpu_kernels=cpu_kernels)
+    return {"transport": ctx.tp_comm.transport is not None, "kernels": ctx.kernels.shm_all_reduce,
+            "describe": ctx.describe()}
 
 
-@pytest.mark.parametrize("setting", ["1", "0"])
-def test_context_picks_shared_memory_on_one_host_unless_disabled(setting):
-    results = run_distributed(context_suite, 2, env={"TP_TRAINER_SHM_ALLREDUCE": setting})
+@pytest.mark.parametrize("setting, cpu_kernels", [("1", "auto"), ("0", "auto"), ("1", "off")])
+def test_context_picks_shared_memory_on_one_host_unless_disabled(setting, cpu_kernels):
+    results = run_distributed(context_suite, 2, cpu_kernels, env={"TP_TRAINER_SHM_ALLREDUCE": setting})
+    wanted = setting == "1" and cpu_kernels == "auto"
     for r in results:
-        assert r["transport"] is (setting == "1")
-        assert ("shared-memory" in r["describe"]) is (setting == "1")
+        assert r["transport"] is wanted and r["kernels"] is wanted
+        assert ("shared-memory" in r["describe"]) is wanted
+
+
+def disagreeing_ranks_suite():
+    from tp_trainer.parallel.context import ParallelContext
+
+    # rank 1 declines the transport: the vote keeps the whole TP group on gloo, and nobody waits
+    ctx = ParallelContext.from_environment(2, cpu_kernels="off" if dist.get_rank() == 1 else "auto")
+    x = torch.full((3,), float(dist.get_rank() + 1))
+    from tp_trainer.parallel.collectives import all_reduce
+
+    all_reduce(x, ctx.tp_comm)
+    return {"transport": ctx.tp_comm.transport is not None, "sum": x.tolist()}
+
+
+def test_ranks_that_disagree_stay_on_the_backend():
+    for r in run_distributed(disagreeing_ranks_suite, 2):
+        assert not r["transport"] and r["sum"] == [3.0, 3.0, 3.0]
 
 
 def full_shm_suite():

@@ -103,6 +103,7 @@ TWO_RANK_RUNS = {
     "tp2_group_by_length_workers": dict(tp=2, train_sampling_strategy="group_by_length", dataloader_num_workers=1),
     "tp2_zero1_compiled": dict(tp=2, zero=1, torch_compile=True),
     "tp2_zero1_checkpointing_bf16": dict(tp=2, zero=1, activation_checkpointing=True, model_dtype=torch.bfloat16),
+    "tp2_cpu_kernels_off": dict(tp=2, cpu_kernels="off"),
     "tp1_dropin": dict(tp=1, per_device=2),
     "dp2_plain_trainer": dict(trainer_cls="Trainer", per_device=4),  # the dp-only reference of the 4-rank runs
 }
@@ -176,6 +177,23 @@ def test_startup_summary_says_when_zero_has_nothing_to_shard(two_ranks, four_ran
     assert "dp=1: nothing to shard" in two_ranks[0]["tp2_zero1_compiled"]["summary"]  # tp=2 on 2 ranks: dp=1
     assert "nothing to shard" not in two_ranks[0]["tp2"]["summary"]  # zero_stage=0
     assert "nothing to shard" not in four_ranks[0]["tp2xdp2_zero1"]["summary"]  # dp=2: ZeRO shards
+
+
+def test_startup_summary_names_the_kernels_in_one_line(two_ranks):
+    lines = {name: two_ranks[0][name]["summary"].splitlines()[1]
+             for name in ("tp2", "tp2_zero1_bf16_weights", "tp2_cpu_kernels_off")}
+    # fp32 norms are not split over tokens; bf16 ones are
+    assert lines["tp2"] == "  kernels: shm all-reduce, cpu attention, fused rmsnorm, malloc tuning"
+    assert lines["tp2_zero1_bf16_weights"] == ("  kernels: shm all-reduce, cpu attention, token-split norms (bf16), "
+                                               "fused rmsnorm, malloc tuning")
+    assert lines["tp2_cpu_kernels_off"] == "  kernels: none (cpu_kernels=off)"
+    assert "shared-memory" not in two_ranks[0]["tp2_cpu_kernels_off"]["summary"]
+
+
+def test_cpu_kernels_off_trains_like_the_single_process_trainer(two_ranks):
+    ref = reference()
+    for rank in two_ranks:
+        assert_same_run(rank["tp2_cpu_kernels_off"], ref)
 
 
 def test_group_by_length_and_workers_feed_identical_batches(two_ranks):

@@ -1,4 +1,4 @@
-"""``tp-trainer plan MODEL --tp-size N --verify`` (tp_trainer/planner/verify.py): one training step of the plan on
+"""``tp-trainer plan MODEL --tp-size N --verify`` (tp_trainer/planner/verify/): one training step of the plan on
 N gloo processes against the unsharded model, from the same random weights.
 
 The config truncation and the verdict logic are checked without processes; each ``verify_plan`` call

@@ -31,6 +31,11 @@ class TPTrainingArguments(TrainingArguments):
                 "zero_optimization.gather_16bit_weights_on_model_save) read instead of the flags above."})
     gather_16bit_weights_on_model_save: bool | None = field(default=None, metadata={
         "help": "save_model writes 16-bit weights (bf16 unless the model is fp16). Default: when training in bf16/fp16."})
+    cpu_kernels: str = field(default="auto", metadata={
+        "help": "'auto' (default): CPU runs use tp_trainer's CPU kernels and transports (shared-memory TP "
+                "all-reduce, CPU causal attention, token-split 16-bit norms, fused RMSNorm, malloc tuning), "
+                "each where it applies; 'off': the stock PyTorch / transformers modules and gloo's collectives. "
+                "GPU runs use none of them either way."})
 
     def __post_init__(self):
         if isinstance(self.tp_plan, dict):
@@ -54,6 +59,9 @@ class TPTrainingArguments(TrainingArguments):
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r} (ZeRO-3 is what TP replaces: "
                              "use tp_size with zero_stage 1 or 2)")
         self.user_tp_plan()  # parse errors surface now
+        from .parallel.kernels import check_cpu_kernels
+
+        check_cpu_kernels(self.cpu_kernels)
         if self.parallel_active and self.fp16:
             raise ValueError("fp16 (loss scaling) is not supported with tp_size > 1 or zero_stage > 0; use --bf16")
         if self.parallel_active and self.deepspeed:

@@ -27,12 +27,14 @@ until it is freed, so
     peak = persistent + max over the step of (activations + temporaries + gradients alive)
 
 with the same modeling code, TP layers (on a simulated TP group: the collectives allocate what
-a real rank's do and move no data, ``collectives.simulated_group``), loss and fused kernels as
-a real rank; ZeRO's own buffers (ZeRO-2's per-bucket reduce in backward, ZeRO-0/1's flat
+a real rank's do and move no data, ``parallel/simulated.py``), loss and kernels as a real rank
+(the kernels a run on ``device`` would use, ``parallel/kernels.py``; ``cpu_kernels="off"`` the
+stock ones); ZeRO's own buffers (ZeRO-2's per-bucket reduce in backward, ZeRO-0/1's flat
 buckets after it, the dp all-gather of the write-back) are allocated at the points where
-``ShardedOptimizer`` makes them. Attention follows ``device``: ``"cpu"`` runs tp_trainer's CPU kernel where TPTrainer
-would (``parallel/attention.py``, it keeps the probabilities), ``"cuda"`` keeps what flash /
-memory-efficient SDPA keeps (``q, k, v``, the output and an fp32 log-sum-exp per row).
+``ShardedOptimizer`` makes them. Attention follows the kernels: on ``"cpu"`` tp_trainer's CPU kernel
+where TPTrainer would use it (``parallel/attention.py``, it keeps the probabilities); otherwise
+what flash / memory-efficient SDPA keeps (``q, k, v``, the output and an fp32 log-sum-exp per
+row), which torch's fused CPU kernel keeps too.
 The optimizer step is the fused AdamW a default ``Trainer`` builds (``adamw_torch_fused``),
 which updates in place; the ``foreach`` implementation (``adamw_torch``) allocates temporaries
 the size of every state it updates (``4 P`` or ``4 S`` bytes more), the for-loop one about two
@@ -49,6 +51,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory_trace import LiveTensorBytes
+from .parallel.kernels import check_cpu_kernels
 from .zero.buckets import bucket_runs, bucket_shard_numel, zero_bucket_params
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -104,32 +107,33 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda", checkpointing: bool = False):
+def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda", checkpointing: bool = False,
+                        cpu_kernels: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     from .parallel.attention import use_cpu_attention
-    from .parallel.collectives import simulated_group
     from .parallel.context import ParallelContext
+    from .parallel.kernels import choose_kernels
+    from .parallel.simulated import simulated_group
     from .planner import apply_tensor_parallel, plan_tensor_parallel
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # rank 0 of a simulated TP group: the TP layers and their collectives allocate what a real
-    # rank's do; on CPU the group has the shared-memory transport, which splits 16-bit norms.
-    # At tp=1 nothing is sharded, but the RMSNorms get their fused backward all the same.
-    context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp) if tp > 1 else None)
-    apply_tensor_parallel(model, plan_tensor_parallel(model, tp), context,
-                          split_norms=None if device == "cpu" else False)
-    if device == "cpu":
-        use_cpu_attention(model, torch.device("cpu"))
-    else:
-        _use_gpu_attention_model(model)
+    # rank's do. Its kernels are what a run on `device` would decide; on CPU the simulated group
+    # stands for one host's shared-memory transport, which splits 16-bit norms.
+    kernels = choose_kernels(device, "gloo" if device == "cpu" else "nccl", cpu_kernels).granted(shm_all_reduce=tp > 1)
+    context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp) if tp > 1 else None,
+                              device=torch.device(device), kernels=kernels)
+    apply_tensor_parallel(model, plan_tensor_parallel(model, tp), context)
+    if not (kernels.cpu_attention and use_cpu_attention(model)):
+        _use_fused_attention_memory(model)
     if checkpointing:  # what --activation_checkpointing does, with the Trainer's default (non-reentrant)
         model.activation_checkpointing_enable()
     return model
 
 
-class _GpuAttentionMemory(torch.autograd.Function):
+class _FusedAttentionMemory(torch.autograd.Function):
     """Stands in, on ``meta``, for flash / memory-efficient SDPA: keeps what they keep for backward
     (``q, k, v``, the output ``[B, H, S, dv]`` and an fp32 log-sum-exp ``[B, H, S]``); computes nothing."""
 
@@ -145,33 +149,33 @@ class _GpuAttentionMemory(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _gpu_attention_memory(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
+def _fused_attention_memory(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                            **kwargs):
     # transformers' sdpa_attention_forward returns the output transposed to [B, S, H, dv], contiguous
-    return _GpuAttentionMemory.apply(query, key, value).transpose(1, 2).contiguous(), None
+    return _FusedAttentionMemory.apply(query, key, value).transpose(1, 2).contiguous(), None
 
 
-_GPU_ATTENTION = "tp_trainer_gpu_attention_memory"
+_FUSED_ATTENTION = "tp_trainer_gpu_attention_memory"
 
 
-def _use_gpu_attention_model(model) -> None:
-    """Route the meta model's ``sdpa`` attention through :class:`_GpuAttentionMemory` (SDPA on ``meta``
-    would run its math fallback, which keeps the ``S x S`` probabilities a GPU kernel never stores)."""
+def _use_fused_attention_memory(model) -> None:
+    """Route the meta model's ``sdpa`` attention through :class:`_FusedAttentionMemory` (SDPA on ``meta``
+    would run its math fallback, which keeps the ``S x S`` probabilities a fused kernel never stores)."""
     from transformers import AttentionInterface, PretrainedConfig
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from .parallel.attention import _dispatches_by_registry
+    from .parallel.attention import dispatches_by_registry
 
-    if not _dispatches_by_registry(model):
+    if not dispatches_by_registry(model):
         return  # modeling code that picks its own path by name: keep it (an overestimate on meta)
-    if _GPU_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_GPU_ATTENTION, _gpu_attention_memory)
-        AttentionMaskInterface.register(_GPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if _FUSED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_FUSED_ATTENTION, _fused_attention_memory)
+        AttentionMaskInterface.register(_FUSED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     configs = {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
                if isinstance(c, PretrainedConfig)}
     for config in configs.values():
         if getattr(config, "_attn_implementation", None) == "sdpa":
-            config._attn_implementation = _GPU_ATTENTION
+            config._attn_implementation = _FUSED_ATTENTION
 
 
 def _transient(*sizes: tuple[int, torch.dtype], device) -> None:
@@ -277,8 +281,10 @@ def _no_packed_sequences():
 
 
 def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
-                    device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False) -> MemoryEstimate:
-    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring)."""
+                    device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False,
+                    cpu_kernels: str = "auto") -> MemoryEstimate:
+    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring),
+    with the kernels of ``--cpu_kernels cpu_kernels``."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if zero not in (0, 1, 2):
@@ -287,13 +293,14 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if tp < 1 or dp < 1 or batch < 1 or seq < 1:
         raise ValueError(f"tp, dp, batch and seq must be >= 1, got tp={tp} dp={dp} batch={batch} seq={seq}")
+    check_cpu_kernels(cpu_kernels)
     from transformers import AutoModelForCausalLM
 
     b = DTYPE_BYTES[dtype]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     with torch.device("meta"):
         total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch_dtype).parameters())
-    model = _sharded_meta_model(config, tp, torch_dtype, device, checkpointing)
+    model = _sharded_meta_model(config, tp, torch_dtype, device, checkpointing, cpu_kernels)
     numels = [p.numel() for p in model.parameters() if p.requires_grad]
     local = sum(p.numel() for p in model.parameters())
     if zero == 0:

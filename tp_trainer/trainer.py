@@ -49,11 +49,12 @@ class TPTrainer(Trainer):
             if kwargs.get("optimizers", (None, None))[0] is not None:
                 raise ValueError("TPTrainer shards the optimizer itself: pass optimizer_cls_and_kwargs=(cls, kwargs) "
                                  "instead of a built optimizer")
-            context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu)
+            context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu,
+                                                       cpu_kernels=args.cpu_kernels)
             plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
             self._full_param_count = sum(p.numel() for p in model.parameters())
             apply_tensor_parallel(model, plan, context)
-            self._cpu_attention = use_cpu_attention(model, context.device)
+            self._cpu_attention = context.kernels.cpu_attention and use_cpu_attention(model)
             self.tp_context, self.tp_plan = context, plan
         super().__init__(model, args, *pos, **kwargs)
         if active and self.args.world_size != self.tp_context.world_size:
@@ -86,7 +87,9 @@ class TPTrainer(Trainer):
         # ZeRO shards over dp: at dp=1 it only adds its buckets (benchmark model, tp=2 bf16, in-process
         # A/B: +2% step time; +17% peak memory, scripts/bench.py's tp2_zero1 vs tp2)
         idle_zero = " (dp=1: nothing to shard, zero_stage=0 is leaner)" if args.zero_stage and ctx.dp_size == 1 else ""
+        dtype = next(self.model.parameters()).dtype
         return (f"{ctx.describe()}\n"
+                f"  {ctx.kernels.describe(dtype)}\n"
                 f"  plan: {self.tp_plan.summary()}{kernels}\n"
                 f"  zero_stage={args.zero_stage}{idle_zero}; "
                 f"global batch = {args.per_device_train_batch_size} per device x dp {ctx.dp_size} x grad accum "

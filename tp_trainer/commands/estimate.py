@@ -4,9 +4,10 @@ Prints the per-rank memory of training that model in that layout (parameters, gr
 optimizer states, activations saved for backward, and the peak of a training step, which is
 what must fit): "which layout fits my model". Nothing is downloaded or allocated: the model is
 built on the ``meta`` device from its config, sharded by the real planner, and one training
-step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the attention kernel
-whose saved tensors count (``cuda``: flash / memory-efficient SDPA; ``cpu``: tp_trainer's CPU
-kernel). ``--compare`` adds one line per ZeRO stage for the same tp x dp.
+step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the kernels whose saved
+tensors count, those a run there uses (``tp_trainer/parallel/kernels.py``; ``cuda``: flash /
+memory-efficient SDPA and the stock norms; ``cpu``: tp_trainer's CPU attention and fused norms,
+or with ``--cpu-kernels off`` the stock ones). ``--compare`` adds one line per ZeRO stage for the same tp x dp.
 ``--activation-checkpointing``: the Trainer's ``--activation_checkpointing`` (each decoder layer
 keeps only its input for backward and recomputes its forward there).
 """
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="where it trains: decides the attention kernel (default: cuda)")
+    parser.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"],
+                        help="the run's --cpu_kernels: with --device cpu, 'off' counts the stock attention and norms")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="with the Trainer's --activation_checkpointing (decoder layers recomputed in backward)")
     parser.add_argument("--compare", action="store_true", help="also print the peaks of ZeRO 0/1/2")
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(args.model)
         layout = dict(tp=args.tp, dp=args.dp, dtype=args.dtype, batch=args.batch, seq=args.seq, device=args.device,
-                      checkpointing=args.activation_checkpointing)
+                      checkpointing=args.activation_checkpointing, cpu_kernels=args.cpu_kernels)
         est = estimate_memory(config, zero=args.zero, **layout)
         others = [estimate_memory(config, zero=z, **layout) for z in (0, 1, 2) if args.compare and z != args.zero]
     except (ValueError, PlanError, OSError) as err:

@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
             return 1
         print(plan.table(collapse_layers=not args.full))
         print(f"\nsummary: {plan.summary()}")
+        print(_kernels_line())
         if args.verify:
             from ..planner.verify import verify_plan
 
@@ -94,3 +95,12 @@ def main(argv: list[str]) -> int:
     finally:
         if ranks is not None:
             ranks.close()
+
+
+def _kernels_line() -> str:
+    """The kernels a training run on this machine would pick by default (``--cpu_kernels auto``)."""
+    from ..parallel.context import default_device_and_backend
+    from ..parallel.kernels import choose_kernels
+
+    device, backend = default_device_and_backend()
+    return f"on this machine ({device.type}, {backend}): " + choose_kernels(device, backend).describe()

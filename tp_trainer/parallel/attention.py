@@ -29,28 +29,36 @@ bf16 step 376 -> 335 ms.
 keeps calling its attention interface, which routes here exactly when ``sdpa`` would have
 called the fused kernel with ``is_causal=True`` and no mask (no padding or packing, no
 dropout, no cache, no soft-capping); every other call goes to ``sdpa`` unchanged. Masks are
-built by ``sdpa``'s mask function, so padded or packed batches behave as before.
-``TP_TRAINER_CPU_ATTENTION=0`` turns it off.
+built by ``sdpa``'s mask function, so padded or packed batches behave as before. Whether a run
+uses it is ``context.kernels.cpu_attention`` (``kernels.py``: CPU runs, not with
+``--cpu_kernels off`` or ``TP_TRAINER_CPU_ATTENTION=0``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
 import re
 import sys
 
 import torch
 import torch.nn as nn
 
-from .layers import autocast_dtype
 
 NAME = "tp_trainer_cpu_causal"
 BLOCK = 64  # positions per row block (see the module docstring for 32 and 128)
 # per layer and rank: the extra activation memory accepted for the speed (torch's kernel saves O(S) per row)
 MAX_SAVED_PROBS_BYTES = 64 * 2**20
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``t``'s ops in on its device, or ``None`` when autocast is off
+    there. ``meta`` tensors (the memory estimate's simulated step) have no autocast."""
+    device = t.device.type
+    if device == "meta" or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,7 +181,7 @@ def _modeling_source(module_name: str) -> str:
         return ""
 
 
-def _dispatches_by_registry(model: nn.Module) -> bool:
+def dispatches_by_registry(model: nn.Module) -> bool:
     """Whether renaming the attention implementation only changes which registry function runs.
 
     True when the model's transformers modeling code looks its attention up in
@@ -186,24 +194,25 @@ def _dispatches_by_registry(model: nn.Module) -> bool:
             and not any(re.search(r"""["']sdpa["']""", src) for src in sources))
 
 
-def use_cpu_attention(model: nn.Module, device: torch.device) -> bool:
-    """Route ``model``'s ``sdpa`` attention through :func:`attention_forward` when it trains on ``device`` = CPU.
+def use_cpu_attention(model: nn.Module, device: torch.device | str | None = None) -> bool:
+    """Route ``model``'s ``sdpa`` attention through :func:`attention_forward`; returns whether it switched.
 
-    Only models whose config selects ``sdpa`` (transformers' default) and whose modeling code
-    reaches attention through the registry without naming ``"sdpa"`` itself
-    (:func:`_dispatches_by_registry`); ``TP_TRAINER_CPU_ATTENTION=0`` opts out. The switch is
-    the configs' private ``_attn_implementation`` (every config object of the model, the copies
-    the planner gives patched modules included), which ``save_pretrained`` does not write, so
-    saved configs are unchanged. Returns whether it switched.
+    Called for runs whose kernels include it (``context.kernels.cpu_attention``). Only models whose
+    config selects ``sdpa`` (transformers' default) and whose modeling code reaches attention
+    through the registry without naming ``"sdpa"`` itself (:func:`dispatches_by_registry`). The
+    switch is the configs' private ``_attn_implementation`` (every config object of the model, the
+    copies the planner gives patched modules included), which ``save_pretrained`` does not write,
+    so saved configs are unchanged. On other devices than the CPU the kernel is not called
+    (:func:`handles`): ``sdpa`` runs as before; a ``device`` other than the CPU switches nothing.
     """
     from transformers import PretrainedConfig
 
-    if torch.device(device).type != "cpu" or os.environ.get("TP_TRAINER_CPU_ATTENTION", "1") == "0":
+    if device is not None and torch.device(device).type != "cpu":
         return False
     candidates = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
     configs = {id(c): c for c in candidates if isinstance(c, PretrainedConfig)}
     sdpa = [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
-    if not sdpa or not _dispatches_by_registry(model):
+    if not sdpa or not dispatches_by_registry(model):
         return False
     _register()
     for config in sdpa:

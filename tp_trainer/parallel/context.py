@@ -9,10 +9,13 @@ Example, world 4, tp 2::
 
     tp groups: [0, 1], [2, 3]        dp groups: [0, 2], [1, 3]
 
-The device and the backend are chosen here and nowhere else: NCCL on CUDA, gloo on CPU.
-Every other module receives the :class:`ParallelContext` (or one of its groups) as an
-argument; there is no module-level state (the one table, ``collectives``' group -> all-reduce
-transport, is filled here, for the TP group, when gloo ranks share a host: ``shm.py``).
+The device and the backend are chosen here and nowhere else: NCCL on CUDA, gloo on CPU. So are
+the kernels and transports beyond stock PyTorch (``kernels.py``: decided from the device, the
+backend and the user's ``cpu_kernels`` flag, then narrowed to what the machine grants), among
+them the TP group's transport: ``tp_comm`` is the TP group with it (``collectives.TPComm``; the
+shared-memory transport of ``shm.py`` for gloo ranks on one host). Every other module receives
+the :class:`ParallelContext` (or its ``tp_comm``, or one of its groups) as an argument; there is
+no module-level state.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .collectives import all_reduce_transport, set_all_reduce_transport
+from .collectives import TPComm
 from .host import keep_freed_memory_in_heap
+from .kernels import Kernels, choose_kernels
 from .shm import maybe_shared_memory_all_reduce
 
 
@@ -70,11 +74,17 @@ def check_layout(world_size: int, tp_size: int) -> int:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Ranks, groups, device and backend of one process in the ``dp x tp`` mesh.
+    """Ranks, groups, device, backend and kernel choices of one process in the ``dp x tp`` mesh.
 
     ``tp_group``/``dp_group`` are ``None`` when the corresponding size is 1 (no collective is
     ever issued on a trivial group), so single-process code paths stay free of
-    ``torch.distributed``.
+    ``torch.distributed``. ``tp_comm`` is ``tp_group`` with the transport its TP collectives take
+    (what the TP layers and the TP gradient sums are given); ``kernels`` what the run uses
+    (:class:`~tp_trainer.parallel.kernels.Kernels`). Left out, both are derived from the other
+    fields: ``tp_comm`` from ``tp_group`` (a group that brings its own transport, such as the
+    estimator's ``simulated.SimulatedGroup``, keeps it), ``kernels`` by ``choose_kernels`` for the
+    device and backend, with the shared-memory transport where ``tp_comm`` has a transport and no
+    allocator setting (only :meth:`from_environment` applies that).
     """
 
     tp_size: int = 1
@@ -88,6 +98,16 @@ class ParallelContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "gloo"
     mesh: object | None = None
+    tp_comm: TPComm | None = None
+    kernels: Kernels | None = None
+
+    def __post_init__(self):
+        if self.tp_comm is None and self.tp_group is not None:
+            object.__setattr__(self, "tp_comm", TPComm.of(self.tp_group))
+        if self.kernels is None:
+            shm = self.tp_comm is not None and self.tp_comm.transport is not None
+            kernels = choose_kernels(self.device, self.backend).granted(shm_all_reduce=shm, malloc_tuning=False)
+            object.__setattr__(self, "kernels", kernels)
 
     @property
     def world_size(self) -> int:
@@ -110,19 +130,22 @@ class ParallelContext:
         return cls(device=device, backend=backend)
 
     @classmethod
-    def from_environment(cls, tp_size: int, *, timeout=None, use_cpu: bool = False) -> "ParallelContext":
-        """Build the mesh over the default process group, initialising it if needed.
+    def from_environment(cls, tp_size: int, *, timeout=None, use_cpu: bool = False,
+                         cpu_kernels: str = "auto") -> "ParallelContext":
+        """Build the mesh over the default process group, initialising it if needed, and decide the
+        kernels (``cpu_kernels``: ``"auto"`` or ``"off"``, see ``kernels.py``).
 
         Under ``torchrun``/``accelerate launch`` the environment (``RANK``, ``WORLD_SIZE``, ...)
         describes the world; without it the world is this single process.
         """
         device, backend = default_device_and_backend(use_cpu=use_cpu)
+        kernels = choose_kernels(device, backend, cpu_kernels)
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         dp_size = check_layout(world_size, tp_size)
-        if device.type == "cpu":
-            keep_freed_memory_in_heap()  # host.py: no page faults on re-allocated activations
+        # host.py: no page faults on re-allocated activations
+        kernels = kernels.granted(malloc_tuning=kernels.malloc_tuning and keep_freed_memory_in_heap())
         if world_size == 1:
-            return cls(device=device, backend=backend)
+            return cls(device=device, backend=backend, kernels=kernels.granted(shm_all_reduce=False))
         if not dist.is_initialized():
             kwargs = {"timeout": timeout} if timeout is not None else {}
             dist.init_process_group(backend=backend, **kwargs)
@@ -135,9 +158,10 @@ class ParallelContext:
         mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
         rank = dist.get_rank()
         tp_group = mesh.get_group("tp") if tp_size > 1 else None
-        if tp_group is not None:
-            # gloo on one host: the TP activation all-reduces go through shared memory (shm.py)
-            set_all_reduce_transport(tp_group, maybe_shared_memory_all_reduce(tp_group, dist.get_backend()))
+        # gloo on one host: the TP activation all-reduces go through shared memory (shm.py). Every TP
+        # rank takes part in the vote, also one that does not want it: the group agrees or stays on gloo.
+        transport = (maybe_shared_memory_all_reduce(tp_group, dist.get_backend(), wanted=kernels.shm_all_reduce)
+                     if tp_group is not None else None)
         return cls(
             tp_size=tp_size,
             dp_size=dp_size,
@@ -150,10 +174,12 @@ class ParallelContext:
             device=device,
             backend=dist.get_backend(),
             mesh=mesh,
+            tp_comm=TPComm(tp_group, transport) if tp_group is not None else None,
+            kernels=kernels.granted(shm_all_reduce=transport is not None),
         )
 
     def describe(self) -> str:
-        shm = " + shared-memory TP all-reduce" if all_reduce_transport(self.tp_group) is not None else ""
+        shm = " + shared-memory TP all-reduce" if self.kernels.shm_all_reduce else ""
         return (
             f"world={self.world_size} = dp {self.dp_size} x tp {self.tp_size} ({self.backend}{shm}, {self.device.type}); "
             f"rank {self.rank}: tp_rank {self.tp_rank} of {self.tp_ranks}, dp_rank {self.dp_rank} of {self.dp_ranks}"

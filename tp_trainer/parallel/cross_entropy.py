@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaskedLMLoss
 
 from .collectives import all_gather_rows
 
@@ -94,6 +94,9 @@ class VocabParallelCausalLMLoss:
     full logits (eval mode, gathered) fall back to HF's own loss.
     """
 
+    shift = True  # labels shifted left by one (next-token prediction)
+    fallback = staticmethod(ForCausalLMLoss)
+
     def __init__(self, lm_head: nn.Module):
         self.lm_head = lm_head
 
@@ -101,9 +104,14 @@ class VocabParallelCausalLMLoss:
                  shift_labels=None, **kwargs):
         head = self.lm_head
         if logits.shape[-1] != head.local_vocab or head.tp_group is None:
-            return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                                   ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-        if shift_labels is None:
+            if self.shift:
+                return self.fallback(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                     ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+            return self.fallback(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                 ignore_index=ignore_index, **kwargs)
+        if not self.shift:
+            shift_labels = labels
+        elif shift_labels is None:
             labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]
         shift_labels = shift_labels.reshape(-1).to(logits.device)
@@ -111,3 +119,65 @@ class VocabParallelCausalLMLoss:
             logits.reshape(-1, logits.shape[-1]), shift_labels, vocab_start=head.vocab_start,
             vocab_valid=head.vocab_valid, group=head.tp_group, ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch)
+
+
+class VocabParallelMaskedLMLoss(VocabParallelCausalLMLoss):
+    """Drop-in for HF's ``ForMaskedLMLoss`` (masked-LM heads such as ModernBERT's): no label shift."""
+
+    shift = False
+    fallback = staticmethod(ForMaskedLMLoss)
+
+
+# The model's own loss function -> its vocab-parallel replacement. Losses not listed (a model's own
+# function, a classification loss) have none: the planner gathers such a model's logits instead.
+_REPLACEMENTS = {ForCausalLMLoss: VocabParallelCausalLMLoss, ForMaskedLMLoss: VocabParallelMaskedLMLoss}
+
+
+def _own_loss_function(model: nn.Module):
+    """The loss function the model would call (its ``loss_function`` property), or ``None``. Read as the
+    property does (one assigned through its setter, else ``LOSS_MAPPING[model.loss_type]``, causal LM by
+    default) without its warning about an unrecognised ``loss_type`` (GPT-2's class name has none)."""
+    assigned = vars(model).get("_loss_function")
+    if assigned is not None:
+        return assigned
+    prop = getattr(type(model), "loss_function", None)
+    if isinstance(prop, property) and prop.fget is not None and prop.fget.__qualname__.startswith("PreTrainedModel."):
+        return LOSS_MAPPING.get(getattr(model, "loss_type", None) or "ForCausalLM", ForCausalLMLoss)
+    try:
+        return getattr(model, "loss_function", None)
+    except Exception:  # a property that raises
+        return None
+
+
+def vocab_parallel_loss_for(model: nn.Module):
+    """The vocab-parallel class replacing ``model.loss_function``, or ``None`` when it has no counterpart."""
+    fn = _own_loss_function(model)
+    if isinstance(fn, VocabParallelCausalLMLoss):
+        return type(fn)
+    return _REPLACEMENTS.get(fn)
+
+
+def loss_function_name(model: nn.Module) -> str:
+    fn = _own_loss_function(model)
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def install_vocab_parallel_loss(model: nn.Module, lm_head: nn.Module) -> None:
+    """Pair a vocab-split LM head with the model's loss.
+
+    * ``model.loss_function`` becomes its vocab-parallel counterpart (causal: labels shifted; masked:
+      not), which reads the head's local logits.
+    * The head returns local logits only for a training forward that passes ``labels`` (the model's
+      own loss consumes them); a training forward without labels gets the gathered logits, so that a
+      loss computed outside the model (the Trainer's label smoother or ``compute_loss_func``) sees
+      all of them. A forward pre-hook on the model reads ``labels`` and sets ``lm_head.gather_output``.
+    """
+    cls = vocab_parallel_loss_for(model) or VocabParallelCausalLMLoss
+    if hasattr(model, "loss_function"):
+        model.loss_function = cls(lm_head)
+
+    def hook(module, args, kwargs):
+        lm_head.gather_output = kwargs.get("labels") is None
+
+    lm_head.gather_output = False
+    model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -14,8 +14,8 @@ the module (forward hooks, so parameter names and the module's own forward are u
 
 * ``f`` on every differentiable floating-point input (the hidden states and the routing
   weights): identity forward; backward, the ranks' partial gradients are summed over TP, one
-  all-reduce per dtype for all of them (:class:`_CopyToTPMany`);
-* ``g`` (``reduce_from_tp``) on the output: the partial outputs summed forward, identity backward.
+  all-reduce per dtype for all of them (``mappings.copy_to_tp_region_many``);
+* ``g`` (``mappings.reduce_from_tp_region``) on the output: the partial outputs summed forward, identity backward.
 
 The parameters are ``sharded_parameter``\\ s carrying their :class:`~tp_trainer.parallel.sharding.ShardSpec`
 (a non-zero shard dim of a 3-D tensor), so gathering (``gather.iter_full_state``), ``save_model``,
@@ -27,47 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .collectives import all_reduced_copy
 from .layers import sharded_parameter
-from .mappings import reduce_from_tp
+from .mappings import copy_to_tp_region_many, reduce_from_tp_region
 from .sharding import block_spec, contiguous_spec
-
-
-class _CopyToTPMany(torch.autograd.Function):
-    """Megatron's ``f`` for several tensors at once: identity forward; backward, the gradients are
-    all-reduced over TP, concatenated into one all-reduce per dtype."""
-
-    @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        ctx.set_materialize_grads(False)
-        return tuple(x.view_as(x) for x in xs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        out: list[torch.Tensor | None] = list(grads)
-        by_dtype: dict[tuple, list[int]] = {}
-        for i, g in enumerate(grads):
-            if g is not None:
-                by_dtype.setdefault((g.dtype, g.device), []).append(i)
-        for idx in by_dtype.values():
-            if len(idx) == 1:
-                out[idx[0]] = all_reduced_copy(grads[idx[0]], ctx.group)
-                continue
-            flat = all_reduced_copy(torch.cat([grads[i].reshape(-1) for i in idx]), ctx.group)
-            offset = 0
-            for i in idx:
-                n = grads[i].numel()
-                out[i] = flat[offset:offset + n].view_as(grads[i])
-                offset += n
-        return (None, *out)
-
-
-def copy_to_tp_many(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """``f`` applied to ``tensors`` (one autograd node, so their gradients are reduced together)."""
-    if group is None or not tensors:
-        return list(tensors)
-    return list(_CopyToTPMany.apply(group, *tensors))
 
 
 def _needs_f(value) -> bool:
@@ -84,7 +46,7 @@ def _experts_pre_hook(group):
             return None
         args = list(args)
         values = [args[i] if where == "a" else kwargs[i] for where, i in slots]
-        for (where, i), v in zip(slots, copy_to_tp_many(values, group)):
+        for (where, i), v in zip(slots, copy_to_tp_region_many(values, group)):
             if where == "a":
                 args[i] = v
             else:
@@ -98,13 +60,13 @@ def _experts_post_hook(group, name: str):
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"{name}: a tensor-parallel experts module must return one tensor (the sum of the "
                             f"weighted expert outputs), got {type(output).__name__}; plan it as 'replicated'")
-        return reduce_from_tp(output, group)
+        return reduce_from_tp_region(output, group)
     return hook
 
 
 def shard_experts(module: nn.Module, layout, context, *, name: str = "experts") -> nn.Module:
     """Shard ``module`` in place following ``layout`` (a :class:`tp_trainer.planner.experts.ExpertsLayout`)
-    on ``context.tp_group`` and hook ``f``/``g`` around its forward; returns ``module``."""
+    on ``context.tp_comm`` and hook ``f``/``g`` around its forward; returns ``module``."""
     rank, tp = context.tp_rank, context.tp_size
     for ep in layout.params:
         p = getattr(module, ep.name)
@@ -114,7 +76,7 @@ def shard_experts(module: nn.Module, layout, context, *, name: str = "experts") 
         setattr(module, ep.name, sharded_parameter(p, spec, p.requires_grad))
     for attr in layout.int_attrs:
         setattr(module, attr, layout.intermediate // tp)
-    module.register_forward_pre_hook(_experts_pre_hook(context.tp_group), with_kwargs=True)
-    module.register_forward_hook(_experts_post_hook(context.tp_group, name), with_kwargs=True)
+    module.register_forward_pre_hook(_experts_pre_hook(context.tp_comm), with_kwargs=True)
+    module.register_forward_hook(_experts_post_hook(context.tp_comm, name), with_kwargs=True)
     module.tp_experts_layout = layout
     return module

@@ -28,7 +28,8 @@ def needs_tp_grad_sum(param: torch.Tensor) -> bool:
 
 
 def sync_partial_tp_grad(param: torch.Tensor, grad: torch.Tensor, tp_group) -> None:
-    """In place: ``grad`` becomes the sum over TP ranks of the partial gradients of ``param``."""
+    """In place: ``grad`` becomes the sum over TP ranks of the partial gradients of ``param``;
+    ``tp_group``: the context's ``tp_comm`` (its transport) or a process group (its backend)."""
     if tp_group is None:
         return
     spec = getattr(param, "tp_spec", None)

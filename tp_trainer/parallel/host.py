@@ -12,15 +12,14 @@ that the resident set stays at its peak, which a training loop reaches every ste
 
 This is the allocator tuning CPU training guides ask users to do by hand (``MALLOC_*``
 variables, or preloading jemalloc/tcmalloc); here it is applied once per process by
-:class:`~tp_trainer.parallel.context.ParallelContext` for CPU runs. ``TP_TRAINER_CPU_MALLOC=0``
-leaves the allocator alone. A no-op off glibc (musl, macOS) and on CUDA runs.
+:class:`~tp_trainer.parallel.context.ParallelContext` where ``kernels.py`` decides it (CPU runs;
+not with ``--cpu_kernels off`` or ``TP_TRAINER_CPU_MALLOC=0``). A no-op off glibc (musl, macOS).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import platform
 
 # mallopt(3) parameters (malloc.h)
@@ -32,9 +31,7 @@ TOP_PAD = 64 << 20          # grow the heap in large steps
 
 def keep_freed_memory_in_heap() -> bool:
     """Tune glibc's malloc as described above; returns whether it was applied."""
-    if os.environ.get("TP_TRAINER_CPU_MALLOC", "1") == "0" or platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

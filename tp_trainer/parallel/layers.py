@@ -5,8 +5,8 @@ Shapes, with ``tp`` ranks, input ``x: [..., d_in]``:
 * :class:`ColumnParallelLinear`: ``W: [d_out/tp, d_in]`` (or ``[d_in, d_out/tp]`` for GPT-2's
   ``Conv1D``), bias sharded with it. ``y_local = f(x) W_local^T + b_local: [..., d_out/tp]``;
   ``f`` all-reduces the input gradient, once for all the column-parallel layers reading the
-  same ``x`` (q/k/v, gate/up) and overlapped with the weight-gradient matmul (:class:`_ColumnLinear`).
-  With ``gather_output`` the output is all-gathered.
+  same ``x`` (q/k/v, gate/up: ``mappings.copy_to_tp_region_once``). With ``gather_output`` the
+  output is all-gathered.
 * :class:`RowParallelLinear`: ``W: [d_out, d_in/tp]``. ``y = g(x_local W_local^T) + b``; ``g``
   all-reduces the partial products, the bias is added once after it.
 * :class:`VocabParallelEmbedding`: rows ``[r V/tp, (r+1) V/tp)``; ids outside the range look
@@ -17,6 +17,9 @@ Shapes, with ``tp`` ranks, input ``x: [..., d_in]``:
   all-gathers and returns ``[..., V]``.
 
 Every sharded parameter carries ``param.tp_spec`` (:class:`~tp_trainer.parallel.sharding.ShardSpec`).
+Every layer takes its TP group as ``tp_group``, a :class:`~tp_trainer.parallel.collectives.TPComm`
+(the process group and the transport the context chose for it; ``None`` at tp 1), and communicates
+only through the wrappers of ``mappings.py``.
 """
 
 from __future__ import annotations
@@ -25,18 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import all_reduced_copy, start_all_reduced_copy
-from .mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
+from .mappings import copy_to_tp_region_once, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
 from .sharding import ShardSpec
-
-
-def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes ``t``'s ops in on its device, or ``None`` when autocast is off
-    there. ``meta`` tensors (the memory estimate's simulated step) have no autocast."""
-    device = t.device.type
-    if device == "meta" or not torch.is_autocast_enabled(device):
-        return None
-    return torch.get_autocast_dtype(device)
 
 
 def sharded_parameter(full: torch.Tensor, spec: ShardSpec, requires_grad: bool) -> nn.Parameter:
@@ -49,151 +42,6 @@ def _weight_and_layout(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """``(weight, transposed)``; ``transposed`` for GPT-2's ``Conv1D`` (``W: [d_in, d_out]``)."""
     transposed = type(module).__name__ == "Conv1D"
     return module.weight, transposed
-
-
-class _InputGradSum:
-    """The column-parallel consumers of one replicated input ``x`` and the sum of their input gradients.
-
-    q/k/v (and gate/up) read one normed activation; each contributes a partial ``dL/dx`` (its
-    own output columns) and the TP ranks' sum of all of them is the true gradient. The sum is
-    taken locally first and all-reduced once, by the consumer whose backward runs last; the
-    earlier ones add theirs to ``partial`` and return no gradient for ``x``. That all-reduce is
-    overlapped with the last consumer's weight-gradient matmul (see :class:`_ColumnLinear`).
-
-    ``consumers`` counts the forward calls; ``seen`` the backward calls of the current pass. If
-    a consumer's output gets no gradient, its backward never runs: the hook on ``x`` (called
-    once ``x``'s gradient is complete) then all-reduces what was collected.
-    """
-
-    __slots__ = ("group", "consumers", "seen", "partial")
-
-    def __init__(self, group):
-        self.group, self.consumers, self.seen, self.partial = group, 0, 0, None
-
-    def add_product(self, dy: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Adds this consumer's partial input gradient ``dy @ w`` (cast to ``x``'s ``dtype``); returns
-        the full local sum if it was the last consumer.
-
-        After the first consumer the product accumulates into the running sum inside the matmul
-        (``addmm_``, beta 1): no product-sized temporary and no separate add pass over it.
-        """
-        self.seen += 1
-        if self.partial is not None and self.partial.dtype == dy.dtype == w.dtype:
-            total = self.partial
-            total.view(-1, total.shape[-1]).addmm_(dy.reshape(-1, dy.shape[-1]), w)
-        else:  # first consumer, or autocast (products in the autocast dtype, the sum in x's dtype)
-            dx = (dy @ w).to(dtype)
-            total = dx if self.partial is None else self.partial.add_(dx)
-        if self.seen < self.consumers:
-            self.partial = total
-            return None
-        self.partial, self.seen = None, 0
-        return total
-
-    def hook(self, grad: torch.Tensor | None) -> torch.Tensor | None:
-        if self.partial is None:
-            return None
-        partial, self.partial, self.seen = self.partial, None, 0
-        if grad is None:
-            raise RuntimeError(
-                "tensor parallelism: a column-parallel layer's output received no gradient while other "
-                "layers reading the same input did, and nothing else consumes that input; its gradient "
-                "cannot be completed. Use every output of q/k/v (gate/up) in the loss, or plan the "
-                "unused layer as 'replicated'.")
-        return grad + all_reduced_copy(partial, self.group)
-
-
-def _input_grad_sum(x: torch.Tensor, group) -> _InputGradSum:
-    """The :class:`_InputGradSum` of ``x``, memoised on ``x`` for the same group and version of
-    ``x`` (an in-place change of ``x`` starts a new sum); it dies with ``x``."""
-    key = (group, x._version)
-    memo = getattr(x, "_tp_grad_sum", None)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    state = _InputGradSum(group)
-    try:
-        x._tp_grad_sum = (key, state)
-    except (AttributeError, TypeError):  # tensor subclasses that refuse attributes: no sharing
-        pass
-    x.register_hook(state.hook)
-    return state
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Megatron's ``f`` on its own: identity forward, all-reduce of the input gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduced_copy(grad, ctx.group), None
-
-
-def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """``f(x)``, one node for all the column-parallel layers reading ``x`` (memoised on ``x``), so that
-    autograd sums their input gradients before the one all-reduce. The compiled form of
-    :class:`_ColumnLinear`'s sharing: Dynamo traces an attribute memo on a tensor, not
-    :class:`_InputGradSum`'s counters and hook, and Inductor fuses the sum into the matmuls."""
-    memo = getattr(x, "_tp_copy", None)
-    if memo is not None and memo[0] is group:
-        return memo[1]
-    fx = _CopyToTP.apply(x, group)
-    x._tp_copy = (group, fx)
-    return fx
-
-
-class _ColumnLinear(torch.autograd.Function):
-    """``y = x W^T + b`` (``x W + b`` for ``Conv1D``) with Megatron's ``f`` folded in and overlapped:
-
-    forward:  y = x W_local^T + b_local                           (no communication)
-    backward: dx_partial = dy W_local; start all-reduce(sum over the consumers of x of dx_partial)
-              dW_local = dy^T x, db_local = sum(dy)               (while the all-reduce is in flight)
-              dx = wait()
-
-    The all-reduce and the weight-gradient matmul are independent, so the matmul hides the
-    transfer where another engine moves the bytes: NCCL's stream, gloo's I/O thread (measured
-    on the benchmark model over gloo, in-process A/B against a separate ``f`` node: fp32 step
-    677 -> 654 ms, bf16 426 -> 414 ms). The shared-memory transport reduces at once instead
-    (``collectives.start_all_reduced_copy`` says why). Under autocast it computes in the
-    autocast dtype like ``F.linear`` and reduces the input gradient in ``x``'s dtype, as the
-    cast's backward would.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, transposed, grad_sum):
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            xc, wc = x.to(dtype), weight.to(dtype)
-            bc = bias.to(dtype) if bias is not None else None
-        else:
-            xc, wc, bc = x, weight, bias
-        ctx.save_for_backward(xc, wc)
-        ctx.transposed, ctx.grad_sum, ctx.x_dtype, ctx.has_bias = transposed, grad_sum, x.dtype, bias is not None
-        grad_sum.consumers += 1
-        if transposed:
-            y = xc @ wc
-            return y + bc if bc is not None else y
-        return F.linear(xc, wc, bc)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        pending = None
-        if ctx.needs_input_grad[0]:
-            total = ctx.grad_sum.add_product(dy, w.t() if ctx.transposed else w, ctx.x_dtype)
-            if total is not None:
-                pending = start_all_reduced_copy(total, ctx.grad_sum.group)
-        dw = db = None
-        if ctx.needs_input_grad[1]:
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-            dw = x2.t() @ dy2 if ctx.transposed else dy2.t() @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        dx = pending.wait() if pending is not None else None
-        return dx, dw, db, None, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -217,20 +65,18 @@ class ColumnParallelLinear(nn.Module):
         return cls(w, b, tp_group, transposed=transposed, full_out_features=weight.shape[out_dim], **kwargs)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input and self.tp_group is not None and torch.is_grad_enabled() and x.requires_grad:
-            if torch.compiler.is_compiling():
-                x = _copy_to_tp(x, self.tp_group)
-            else:
-                return _ColumnLinear.apply(x, self.weight, self.bias, self.transposed,
-                                           _input_grad_sum(x, self.tp_group))
-        if self.transposed:  # no input gradient needed: no communication at all
+        """``f(x) W_local^T + b_local``: this rank's output columns. ``f`` is skipped where no input
+        gradient is wanted (``no_grad``, an input that does not require it): it would only communicate."""
+        if self.copy_input and torch.is_grad_enabled() and x.requires_grad:
+            x = copy_to_tp_region_once(x, self.tp_group)
+        if self.transposed:
             y = x @ self.weight
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_forward(x)
-        return gather_from_tp(y, self.tp_group) if self.gather_output else y
+        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} (local {self.weight.tp_spec.local_size}), "
@@ -256,9 +102,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_input:
-            x = scatter_to_tp(x, self.tp_group)
+            x = scatter_to_tp_region(x, self.tp_group)
         y = x @ self.weight if self.transposed else F.linear(x, self.weight)
-        y = reduce_from_tp(y, self.tp_group)
+        y = reduce_from_tp_region(y, self.tp_group)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -312,8 +158,8 @@ class VocabParallelEmbedding(nn.Module):
             self._check_ids(ids)
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-            out = reduce_from_tp(_zero_rows_(F.embedding(local_ids, self.weight, self.local_padding_idx), outside),
-                                 self.tp_group)
+            out = reduce_from_tp_region(_zero_rows_(F.embedding(local_ids, self.weight, self.local_padding_idx),
+                                                    outside), self.tp_group)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype) if torch.is_tensor(self.embed_scale) else out * self.embed_scale
         return out
@@ -356,7 +202,7 @@ class ParallelLMHead(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_forward(x)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not self.gather_output:  # gather_output: planner/apply.py
             return y
-        full = gather_from_tp(y, self.tp_group)
+        full = gather_from_tp_region(y, self.tp_group)
         return full[..., : self.out_features] if full.shape[-1] != self.out_features else full

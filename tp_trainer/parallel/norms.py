@@ -10,11 +10,15 @@ row-independent, so rank ``r`` can normalise rows ``[r N/tp, (r+1) N/tp)`` and a
               dw = sum over ranks of the partial weight grads (``tp_grad_sum``, summed with the
                    other TP-partial gradients by ``grads.py``)
 
+with ``split_rows`` / ``gather_rows`` the token pair of ``mappings.py``
+(``scatter_to_sequence_parallel_region``, ``gather_from_sequence_parallel_region(replicated_grad=True)``).
+
 The output and the gradient are those of the unsplit norm (the same per-row kernels; the weight
 gradient sums its rows in two partial sums). It trades one all-gather each way for half the
 norm work, so it is only worth it where an all-gather is cheap next to the norm: it is applied
-when the TP group has the shared-memory transport (gloo ranks on one host, ``shm.py``), not on
-NCCL, where Megatron-style sequence parallelism would be the way.
+to 16-bit norms when the TP group has the shared-memory transport (gloo ranks on one host,
+``shm.py``; the rule and its measurement: ``kernels.Kernels.splits_norms``), not on NCCL, where
+Megatron-style sequence parallelism would be the way.
 
 The norm modules are not replaced, only hooked: parameter names, ``state_dict`` and saved
 checkpoints are unchanged. A token count that ``tp`` does not divide (a single token in
@@ -27,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import gather_rows_from_tp, split_rows_to_tp
+from .mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
 
 def is_per_token_norm(module: nn.Module) -> bool:
@@ -58,11 +62,11 @@ def split_norm_over_tokens(module: nn.Module, group, tp_size: int) -> None:
         if pad:
             rows = F.pad(rows, (0, 0, 0, pad))
         pending.append((x.shape, pad))
-        return (split_rows_to_tp(rows, group), *args[1:])
+        return (scatter_to_sequence_parallel_region(rows, group), *args[1:])
 
     def gather(mod, args, output):
         shape, pad = pending.pop()
-        full = gather_rows_from_tp(output, group)
+        full = gather_from_sequence_parallel_region(output, group, replicated_grad=True)
         if pad:
             full = full[:full.shape[0] - pad]
         return full.view(*shape[:-1], output.shape[-1])

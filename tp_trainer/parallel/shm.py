@@ -6,7 +6,9 @@ column-parallel input backward (9 + 9 per step for the 4-layer benchmark model).
 2-core benchmark machine (median of 30 all-reduces per size, 2 ranks): 1 MiB bf16 gloo 3.5 ms
 vs 0.65 ms here, 2 MiB fp32 2.7 ms vs 0.36 ms, 8 MiB fp32 7.1 ms vs 1.8 ms; inside a step,
 ``scripts/profile_step.py`` shows what the collectives cost. NCCL on GPUs is untouched: this
-path is only chosen for gloo groups (see :func:`maybe_shared_memory_all_reduce`).
+path is only chosen for gloo groups (``kernels.py`` decides, :func:`maybe_shared_memory_all_reduce`
+checks the host), and the :class:`~tp_trainer.parallel.context.ParallelContext` hands it to the
+TP layers inside its ``tp_comm``.
 
 Protocol, for a group of ``n`` ranks and a buffer of two *sets* of ``n`` slots of ``S`` bytes::
 
@@ -147,7 +149,8 @@ class SharedMemoryTransport:
                     raise RuntimeError(
                         f"shared-memory all-reduce op {seq}: group ranks {late} did not arrive within "
                         f"{self.timeout_s:.0f} s (a peer died or the ranks issued different collectives). "
-                        f"Set TP_TRAINER_SHM_ALLREDUCE=0 to use the process group's backend instead.")
+                        f"Pass --cpu_kernels off (or set TP_TRAINER_SHM_ALLREDUCE=0) to use the process group's "
+                        f"backend instead.")
 
 
 def _combine(slots: torch.Tensor, op, out: torch.Tensor) -> None:
@@ -182,20 +185,21 @@ def create_segment(path: str, nbytes: int, token: str) -> None:
         f.write(token.encode())
 
 
-def maybe_shared_memory_all_reduce(group, backend: str, *, slot_bytes: int = 4 << 20) -> SharedMemoryTransport | None:
+def maybe_shared_memory_all_reduce(group, backend: str, *, wanted: bool = True,
+                                   slot_bytes: int = 4 << 20) -> SharedMemoryTransport | None:
     """A :class:`SharedMemoryTransport` for ``group`` when it is the faster transport, else ``None``.
 
-    Chosen when the backend is gloo (CPU tensors), the machine is x86-64,
-    ``TP_TRAINER_SHM_ALLREDUCE`` is not ``0``, and every rank of the group sees the file rank 0
-    created in its ``/dev/shm`` with the same random token and the same host name (a node-local
-    tmpfs: ranks on other hosts, or in containers with separate ``/dev/shm``, cannot see it).
-    Collective: every rank of ``group`` must call it; all ranks return the same kind of answer.
+    Chosen when the backend is gloo (CPU tensors), every rank ``wanted`` it (the context's
+    decision, ``kernels.py``), the machine is x86-64, and every rank of the group sees the file
+    rank 0 created in its ``/dev/shm`` with the same random token and the same host name (a
+    node-local tmpfs: ranks on other hosts, or in containers with separate ``/dev/shm``, cannot
+    see it). Collective: every rank of ``group`` must call it, wanting it or not; all ranks return
+    the same kind of answer.
     """
     if group is None or backend != "gloo":
         return None
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    usable = (os.environ.get("TP_TRAINER_SHM_ALLREDUCE", "1") != "0"
-              and platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm"))
+    usable = wanted and platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
     votes = [None] * size
     dist.all_gather_object(votes, usable, group=group)
     if not all(votes):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from ..parallel.collectives import all_reduce_transport
 from ..parallel.context import ParallelContext
-from ..parallel.cross_entropy import VocabParallelCausalLMLoss
+from ..parallel.cross_entropy import install_vocab_parallel_loss
 from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                sharded_parameter)
 from ..parallel.norms import is_per_token_norm, split_norm_over_tokens
@@ -21,6 +21,7 @@ from ..parallel.rmsnorm import fuse_rms_norm
 from ..parallel.sharding import block_spec, contiguous_spec
 from .experts import shard_fused_experts
 from .plan import Plan, PlanEntry, Style
+from .ties import TiedShards
 
 logger = logging.get_logger(__name__)
 
@@ -58,23 +59,29 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext, *,
                           split_norms: bool | None = None) -> nn.Module:
-    """Shard ``model`` in place following ``plan`` on ``context.tp_group``; returns ``model``.
+    """Shard ``model`` in place following ``plan`` on ``context.tp_comm``; returns ``model``.
 
-    ``split_norms``: compute the replicated per-token norms on ``1/tp`` of the tokens per rank
-    (``parallel/norms.py``). ``None`` decides by :func:`_worth_splitting`; it is only possible
-    when the TP group has the shared-memory transport. At tp=1 nothing is sharded; the
-    RMSNorms still get the fused backward (``parallel/rmsnorm.py``).
+    The kernels come from ``context.kernels`` (``parallel/kernels.py``): the replicated RMSNorms get
+    the fused backward (``parallel/rmsnorm.py``) where ``fused_rmsnorm``, also at tp=1, where nothing
+    is sharded; the replicated per-token norms run on ``1/tp`` of the tokens per rank
+    (``parallel/norms.py``) where ``token_split_norms`` and the norms are 16-bit
+    (``Kernels.splits_norms``). ``split_norms`` overrides the dtype rule (tests, plan validation);
+    without the shared-memory transport the norms are never split.
     """
     if plan.tp_size != context.tp_size:
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
     modules = dict(model.named_modules())
+    kernels = context.kernels
     if context.tp_size == 1:  # nothing to shard; the fused norms are a speed-up of their own (ZeRO-only runs)
-        _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
+        if kernels.fused_rmsnorm:
+            _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model
-    group = context.tp_group
+    group = context.tp_comm
     emb_in = model.get_input_embeddings()
+    emb_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     new_embedding = None
     lm_head = None
+    ties = TiedShards()  # tied parameters (embeddings, an MLM head's bias) keep one shard object
     for name, entry in plan.entries.items():
         mod = modules[name]
         style = entry.style
@@ -88,6 +95,8 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             if new_embedding is not None and mod.weight is new_embedding[0].weight:
                 new.weight = new_embedding[1].weight  # tied: one shard object serves both
             lm_head = new
+        elif style == Style.COLWISE_GATHER and mod is emb_out:  # vocabulary split, logits always gathered
+            new = ParallelLMHead.from_module(mod, _spec_factory(entry, context, pad=True), group, gather_output=True)
         elif style in (Style.COLWISE, Style.COLWISE_GATHER):
             if style == Style.COLWISE_GATHER and entry.blocks:
                 raise ValueError(f"{name}: colwise_gather_output cannot gather a fused layout")
@@ -99,7 +108,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         elif style == Style.HEAD_SHARDED:
             spec_for = _spec_factory(entry, context)
             for pname, p in list(mod.named_parameters(recurse=False)):
-                setattr(mod, pname, sharded_parameter(p, spec_for(tuple(p.shape), 0), p.requires_grad))
+                shard = sharded_parameter(p, spec_for(tuple(p.shape), entry.dim), p.requires_grad)
+                setattr(mod, pname, shard)
+                ties.adopt_parameter(p, shard, mod, pname)
             continue
         elif style == Style.EXPERTS:  # MoE experts: TP inside every expert, f/g hooked around the module
             shard_fused_experts(mod, context, name=name)
@@ -110,7 +121,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             continue
         else:
             continue
+        ties.adopt(mod, new)
         _set_module(model, name, new)
+    ties.repoint(model)
     # An LM head tied to an embedding the plan did not list (or listed after it) stays tied.
     if lm_head is not None and new_embedding is not None and lm_head.weight is not new_embedding[1].weight:
         if getattr(model.config, "tie_word_embeddings", False):
@@ -127,13 +140,14 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         for hook in patch.hooks:
             local_heads = plan_local_heads(model, plan)
             mod.register_forward_pre_hook(HOOKS[hook](context, local_heads), with_kwargs=True)
-    if lm_head is not None and hasattr(model, "loss_function"):
-        model.loss_function = VocabParallelCausalLMLoss(lm_head)
+    if lm_head is not None:  # the model's loss_function -> vocab-parallel (causal or masked, cross_entropy.py)
+        install_vocab_parallel_loss(model, lm_head)
     replicated_norms = _replicated_token_norms(plan, modules)
-    _fuse_rms_norms(modules, replicated_norms)
-    if all_reduce_transport(group) is not None:  # cheap all-gathers: split the replicated norms' tokens
+    if kernels.fused_rmsnorm:
+        _fuse_rms_norms(modules, replicated_norms)
+    if kernels.token_split_norms:  # cheap all-gathers: split the replicated norms' tokens
         if split_norms is None:
-            split_norms = _worth_splitting([modules[name] for name in replicated_norms], model)
+            split_norms = kernels.splits_norms(_norms_dtype([modules[name] for name in replicated_norms], model))
         split = replicated_norms if split_norms else []
         for name in split:
             split_norm_over_tokens(modules[name], group, context.tp_size)
@@ -160,14 +174,12 @@ def _replicated_token_norms(plan: Plan, modules: dict) -> list[str]:
             and is_per_token_norm(modules[name])]
 
 
-def _worth_splitting(norms: list[nn.Module], model: nn.Module) -> bool:
-    """Token-split the norms when they run in 16-bit: one all-gather forward and one backward
-    against half the norm's work. A 16-bit norm upcasts to fp32 inside, so it does about twice
-    the work per byte gathered of an fp32 one. Measured on the benchmark model (2 CPU ranks,
-    shared-memory transport, median of 18-24 steps, A/B interleaved): bf16 step 368 -> 353 ms
-    with the split, fp32 604 -> 618 ms (worse), so fp32 norms stay replicated."""
+def _norms_dtype(norms: list[nn.Module], model: nn.Module) -> torch.dtype:
+    """The dtype the norms' parameters share (the model's first parameter's for parameter-free norms);
+    fp32 when they mix dtypes or there are none, so that only uniformly 16-bit norms are split."""
     params = [p for norm in norms for p in norm.parameters()] or list(model.parameters())[:1]
-    return bool(params) and all(p.element_size() == 2 for p in params)
+    dtypes = {p.dtype for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def plan_local_heads(model: nn.Module, plan: Plan) -> int:

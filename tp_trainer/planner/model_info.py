@@ -58,15 +58,15 @@ def module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
 
 
-# Attention implementations that run on ``meta`` tensors; a twin of a model configured for another
-# (flash kernels, a registered custom one) uses eager attention: the kernel never changes a shape.
-META_ATTENTION = (None, "eager", "sdpa")
-
-
 def meta_twin(model: nn.Module) -> nn.Module:
-    """A fresh ``type(model)`` built on the ``meta`` device from a deep copy of its config (no memory)."""
+    """A fresh ``type(model)`` built on the ``meta`` device from a deep copy of its config (no memory).
+
+    The twin uses eager attention whatever the model is configured with: the kernel never changes a
+    shape, flash kernels and registered custom ones cannot run on ``meta``, and the ``sdpa`` mask
+    code asks a padding mask for a Python bool (``.item()``) when a model builds one itself (BART's
+    decoder), which ``meta`` tensors cannot answer."""
     config = copy.deepcopy(model.config)
-    if getattr(config, "_attn_implementation", None) not in META_ATTENTION:
+    if getattr(config, "_attn_implementation", None) != "eager":
         config._attn_implementation = "eager"
     if hasattr(config, "_experts_implementation"):  # MoE: grouped_mm has no fp32 meta kernel, eager needs nonzero()
         config._experts_implementation = "batched_mm"
@@ -83,6 +83,42 @@ def meta_copy(model: nn.Module) -> nn.Module:
             empty = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
+
+
+def meta_inputs(model: nn.Module, seq_len: int, *, labels: bool) -> dict:
+    """Keyword arguments of one meta-device forward of ``model``: ``input_ids [1, seq_len]`` (zeros), the
+    decoder's ids for an encoder-decoder, and with ``labels`` the labels its head expects: the ids for a
+    language-model head, else shaped after the logits of a forward without them (``[1]`` for a
+    sequence classifier, float for a regression head, ``[1, seq_len]`` for token-level heads), which
+    then runs under ``no_grad`` (on ``meta`` it costs no memory)."""
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    kwargs = {"input_ids": ids}
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if not labels:
+        if encoder_decoder:
+            kwargs["decoder_input_ids"] = ids
+        return kwargs
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:  # a language-model head: one label per token, no need to look at its logits
+        kwargs["labels"] = ids
+        return kwargs
+    try:
+        with torch.no_grad():
+            out = model(**meta_inputs(model, seq_len, labels=False))
+    except Exception:  # a forward that needs its labels: the same ids serve (what tp_trainer always passed)
+        kwargs["labels"] = ids
+        return kwargs
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        logits = out[0]
+    if logits is not None and logits.dim() == 2:  # one prediction per sequence
+        if logits.shape[-1] == 1:
+            kwargs["labels"] = torch.zeros(1, dtype=logits.dtype, device="meta")  # regression
+        else:
+            kwargs["labels"] = torch.zeros(1, dtype=torch.long, device="meta")
+    else:  # decoder-only models shift ids into labels; encoder-decoders build the decoder's ids from them
+        kwargs["labels"] = ids
+    return kwargs
 
 
 def call_order(model: nn.Module) -> list[str] | None:
@@ -107,7 +143,7 @@ def call_order(model: nn.Module) -> list[str] | None:
                    if any(True for _ in m.parameters(recurse=False))]
         try:
             with torch.no_grad():
-                twin(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+                twin(**meta_inputs(twin, 4, labels=False))
         finally:
             for h in handles:
                 h.remove()

@@ -47,11 +47,13 @@ class PlanEntry:
     reason: str
     # Fused layout along the sharded dim: ((block_size, replicas), ...); None = one contiguous block.
     blocks: tuple[tuple[int, int], ...] | None = None
+    dim: int = 0  # head_sharded: the parameters' dimension that holds the heads (1 for an nn.Embedding table)
 
     def describe_layout(self) -> str:
+        where = f" dim {self.dim}" if self.dim else ""
         if not self.blocks:
-            return ""
-        return " blocks " + "+".join(f"{s}" + (f"x{r}rep" if r > 1 else "") for s, r in self.blocks)
+            return where
+        return where + " blocks " + "+".join(f"{s}" + (f"x{r}rep" if r > 1 else "") for s, r in self.blocks)
 
 
 @dataclass(frozen=True)

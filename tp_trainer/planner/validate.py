@@ -30,7 +30,7 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from .hf_plan import known_style_names, translate_hf_style
-from .model_info import is_linear, meta_copy, meta_twin
+from .model_info import is_linear, meta_copy, meta_inputs, meta_twin
 from .plan import Plan, PlanEntry, Style, pattern_to_regex
 
 SEQ_LEN = 8  # tokens of the meta step: enough for every mask / rotary code path, costs nothing on meta
@@ -324,14 +324,15 @@ def _param_shapes(module: nn.Module) -> list[str]:
 
 
 def _meta_step(model: nn.Module) -> StepFailure | None:
-    """One forward (with labels) and backward of ``model`` on meta; the failure, or ``None``."""
+    """One forward (with labels) and backward of ``model`` on meta; the failure, or ``None``. The labels
+    take the shape the model's head asks for (``model_info.meta_inputs``: one per sequence for a
+    classifier), and an encoder-decoder builds its decoder's ids from them."""
     tracker = _Tracker(model)
-    ids = torch.zeros(1, SEQ_LEN, dtype=torch.long, device="meta")
     phase = "forward"
     try:
         model.train()
         with _meta_data_dependent_ops():
-            out = model(input_ids=ids, labels=ids)
+            out = model(**meta_inputs(model, SEQ_LEN, labels=True))
         loss = getattr(out, "loss", None)
         if loss is None:
             loss = next(_tensors(out)).float().sum()

@@ -165,7 +165,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         def hook(p):
             if needs_tp_grad_sum(p):
-                sync_partial_tp_grad(p, p.grad, self.context.tp_group)
+                sync_partial_tp_grad(p, p.grad, self.context.tp_comm)
             b = owner[id(p)]
             b.ready.add(id(p))
             if len(b.ready) == len(b.params):
@@ -185,7 +185,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Reduce the accumulated gradients over TP (partial ones) and dp; idempotent per step."""
         if self._synced:
             return
-        tp_group = self.context.tp_group
+        tp_comm = self.context.tp_comm
         if self.stage == 2:
             for b in self.buckets:  # buckets a backward did not complete (unused parameters)
                 if b.ready:
@@ -193,7 +193,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         else:
             for p in self.params:
                 if p.grad is not None and needs_tp_grad_sum(p):
-                    sync_partial_tp_grad(p, p.grad, tp_group)
+                    sync_partial_tp_grad(p, p.grad, tp_comm)
             if self.stage == 1:
                 for b in self.buckets:
                     self._reduce_scatter_into(b, self._flat_grads(b))
@@ -256,8 +256,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             total = torch.zeros((), dtype=torch.float32, device=device)
         # world sum = sum over the TP group (its fast transport: shared memory on one CPU host),
         # then over the dp group; every rank ends with the same total
-        if self.context.tp_group is not None:
-            all_reduce(total, self.context.tp_group)
+        if self.context.tp_comm is not None:
+            all_reduce(total, self.context.tp_comm)
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)
         norm = total.sqrt()

@@ -1,0 +1,129 @@
+"""Which kernels and transports a run uses beyond stock PyTorch and transformers, decided in one place.
+
+Every choice below was measured on CPU training (gloo ranks, the 2-core benchmark machine; the
+figures are in the modules named and in docs/benchmarks.md) and none on a GPU, so on CUDA (NCCL)
+every one is off. :func:`choose_kernels` is the decision table, a pure function of the device,
+the backend and the user's ``cpu_kernels`` flag (``--cpu_kernels auto|off``):
+
+=======================  ==============================  ==========================================
+choice                   on when                         module
+=======================  ==============================  ==========================================
+``shm_all_reduce``       CPU, gloo                       ``shm.py``: the TP group's all-reduces and
+                                                         all-gathers through ``/dev/shm``
+``cpu_attention``        CPU                             ``attention.py``: causal attention as
+                                                         batched GEMMs over row blocks
+``token_split_norms``    CPU, gloo, with the shm         ``norms.py``: 16-bit replicated norms on
+                         transport                       ``1/tp`` of the tokens per rank
+``fused_rmsnorm``        CPU                             ``rmsnorm.py``: closed-form RMSNorm backward
+``malloc_tuning``        CPU                             ``host.py``: freed activations stay in the heap
+=======================  ==============================  ==========================================
+
+``cpu_kernels="off"`` turns all of them off: the run uses the stock modules and gloo's own
+collectives (the fallback, and the way to rule them out when something looks wrong). The
+environment overrides ``TP_TRAINER_SHM_ALLREDUCE=0``, ``TP_TRAINER_CPU_ATTENTION=0`` and
+``TP_TRAINER_CPU_MALLOC=0`` turn one choice off each (the shared-memory one takes the
+token-split norms with it); they are read here and nowhere else.
+
+:class:`~tp_trainer.parallel.context.ParallelContext` computes the decision once, then records
+what the machine granted: the shared-memory transport needs every TP rank on one x86-64 host
+(``shm.maybe_shared_memory_all_reduce``), the allocator setting needs glibc. Every other module
+reads ``context.kernels``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+CPU_KERNELS_CHOICES = ("auto", "off")
+# environment variable -> the choices it turns off when set to "0"
+ENV_OVERRIDES = {"TP_TRAINER_SHM_ALLREDUCE": ("shm_all_reduce", "token_split_norms"),
+                 "TP_TRAINER_CPU_ATTENTION": ("cpu_attention",),
+                 "TP_TRAINER_CPU_MALLOC": ("malloc_tuning",)}
+_LABELS = {"shm_all_reduce": "shm all-reduce", "cpu_attention": "cpu attention",
+           "token_split_norms": "token-split norms", "fused_rmsnorm": "fused rmsnorm",
+           "malloc_tuning": "malloc tuning"}
+_SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel and transport choices of one process (see the module docstring for each)."""
+
+    shm_all_reduce: bool = False     # TP all-reduce / all-gather through shared memory
+    cpu_attention: bool = False      # causal self-attention by CPU row blocks
+    token_split_norms: bool = False  # 16-bit replicated norms on 1/tp of the tokens (needs shm_all_reduce)
+    fused_rmsnorm: bool = False      # Llama-style RMSNorms with the closed-form backward
+    malloc_tuning: bool = False      # glibc keeps freed activation memory in the heap
+    cpu_kernels: str = "auto"        # the user's flag this came from
+    device_type: str = "cpu"         # the device it was decided for
+
+    def granted(self, *, shm_all_reduce: bool | None = None, malloc_tuning: bool | None = None) -> "Kernels":
+        """This decision, less what the machine could not give: no shared-memory transport (ranks on
+        several hosts, no ``/dev/shm``, tp=1: no TP group) also means no token-split norms."""
+        shm = self.shm_all_reduce if shm_all_reduce is None else self.shm_all_reduce and shm_all_reduce
+        malloc = self.malloc_tuning if malloc_tuning is None else self.malloc_tuning and malloc_tuning
+        return replace(self, shm_all_reduce=shm, token_split_norms=self.token_split_norms and shm,
+                       malloc_tuning=malloc)
+
+    def splits_norms(self, dtype: torch.dtype) -> bool:
+        """Whether replicated per-token norms whose parameters are ``dtype`` run on ``1/tp`` of the tokens.
+
+        Only 16-bit ones: one all-gather forward and one backward against half the norm's work, and a
+        16-bit norm upcasts to fp32 inside, so it does about twice the work per byte gathered of an
+        fp32 one. Measured on the benchmark model (2 CPU ranks, shared-memory transport, median of
+        18-24 steps, A/B interleaved): bf16 step 368 -> 353 ms with the split, fp32 604 -> 618 ms
+        (worse), so fp32 norms stay replicated.
+        """
+        return self.token_split_norms and torch.empty((), dtype=dtype).element_size() == 2
+
+    def describe(self, dtype: torch.dtype | None = None) -> str:
+        """One line: ``kernels: shm all-reduce, cpu attention, ...`` or ``kernels: none (...)``. With the
+        model's ``dtype`` the token-split norms are named only where they apply (16-bit)."""
+        names = []
+        for f in fields(self):
+            if f.name not in _LABELS or not getattr(self, f.name):
+                continue
+            label = _LABELS[f.name]
+            if f.name == "token_split_norms":
+                if dtype is not None and not self.splits_norms(dtype):
+                    continue
+                label += f" ({_SHORT_DTYPE.get(dtype, dtype) if dtype is not None else '16-bit'})"
+            names.append(label)
+        if names:
+            return "kernels: " + ", ".join(names)
+        if self.cpu_kernels == "off":
+            return "kernels: none (cpu_kernels=off)"
+        if self.device_type not in ("cpu", "meta"):
+            return f"kernels: none ({self.device_type}: they were measured on CPU only)"
+        return "kernels: none (" + ", ".join(f"{v}=0" for v in ENV_OVERRIDES) + " or not granted)"
+
+
+def check_cpu_kernels(value) -> str:
+    """``value`` if it is one of :data:`CPU_KERNELS_CHOICES`, else a ValueError naming the choices."""
+    if value not in CPU_KERNELS_CHOICES:
+        raise ValueError(f"cpu_kernels must be one of {', '.join(repr(c) for c in CPU_KERNELS_CHOICES)}, got "
+                         f"{value!r}: 'auto' uses the CPU kernels and the shared-memory transport where they apply "
+                         "(CPU runs), 'off' the stock PyTorch / transformers modules and the backend's collectives")
+    return value
+
+
+def choose_kernels(device: str | torch.device, backend: str, cpu_kernels: str = "auto", *,
+                   environ=None) -> Kernels:
+    """The decision table of the module docstring: what a process on ``device`` (``"cpu"``, ``"cuda"``;
+    ``"meta"`` counts as the CPU it simulates) with ``backend`` would use. ``environ`` (default
+    ``os.environ``) supplies the ``TP_TRAINER_*=0`` overrides."""
+    check_cpu_kernels(cpu_kernels)
+    device_type = torch.device(device).type
+    if cpu_kernels == "off" or device_type not in ("cpu", "meta"):
+        return Kernels(cpu_kernels=cpu_kernels, device_type=device_type)
+    gloo = backend == "gloo"
+    choices = {"shm_all_reduce": gloo, "cpu_attention": True, "token_split_norms": gloo, "fused_rmsnorm": True,
+               "malloc_tuning": True}
+    environ = os.environ if environ is None else environ
+    for variable, turned_off in ENV_OVERRIDES.items():
+        if environ.get(variable, "1") == "0":
+            choices.update(dict.fromkeys(turned_off, False))
+    return Kernels(**choices, cpu_kernels=cpu_kernels, device_type=device_type)

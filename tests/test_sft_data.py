@@ -120,6 +120,51 @@ def test_tokenizer_save_and_reload_offline(tok, tmp_path):
     assert got["max_len"] == 512 and got["fast"] is True
 
 
+def test_builtin_tokenizer_template_tokens_and_word_identity(records, tmp_path):
+    """The built-in default's tokenizer: each fixed piece of the Alpaca template is ONE (non-special) token, a word
+    is the same token wherever it stands, digits stay single, and text still round-trips and reloads offline."""
+    from transformers import AutoTokenizer
+
+    from tp_trainer.data.builtin import TOKENIZER_OPTIONS, template_pieces
+
+    pieces = template_pieces()
+    assert len(pieces) == 4 and all(p in ALPACA_WITH_INPUT + ALPACA_NO_INPUT for p in pieces)
+    texts = [format_example(r) for r in records]
+    btok = build_tokenizer(texts, **TOKENIZER_OPTIONS)
+    plain = build_tokenizer(texts, vocab_size=TOKENIZER_OPTIONS["vocab_size"])
+    assert len(btok) % 8 == 0
+    piece_ids = [btok.convert_tokens_to_ids(p) for p in pieces]
+    assert all(btok(p, add_special_tokens=False)["input_ids"] == [i] for p, i in zip(pieces, piece_ids))
+    assert len(set(piece_ids)) == 4 and not set(piece_ids) & set(btok.all_special_ids)
+    prompt = format_prompt({"instruction": "Sort it.", "input": "3, 1, 2"})
+    ids = btok(prompt)["input_ids"]
+    assert ids[:2] == [btok.bos_token_id, btok.convert_tokens_to_ids(pieces[0])]
+    assert btok.decode(ids, skip_special_tokens=True) == prompt  # template tokens are kept, not skipped
+    assert len(ids) < len(plain(prompt)["input_ids"]) / 3
+    for record in records[:50]:
+        text = format_example(record)
+        assert btok.decode(btok(text)["input_ids"], skip_special_tokens=True) == text
+    odd = "What is 1234 + 98765? x\n  tabs\tand unicode: é ✓ ### Input: Below is"
+    odd_ids = btok(odd)["input_ids"]
+    assert btok.decode(odd_ids, skip_special_tokens=True) == odd
+    assert sum(p.isdigit() for p in btok.convert_ids_to_tokens(odd_ids)) == 9
+    # Word identity: "owl" at a line start, after a space, and as a whole response is one and the same token.
+    owl = btok("owl", add_special_tokens=False)["input_ids"]
+    assert len(owl) == 1
+    assert btok("color: owl\nowl owl", add_special_tokens=False)["input_ids"].count(owl[0]) == 3
+    plain_owl = plain("owl", add_special_tokens=False)["input_ids"]  # GPT-2 style: "owl" and "Ġowl" differ
+    assert len(plain_owl) == 1 and plain("color: owl\nowl owl", add_special_tokens=False)["input_ids"].count(plain_owl[0]) == 1
+    # SFT labels still start exactly at the response.
+    ex = tokenize_sft([{"instruction": "Copy.", "input": "owl", "output": "owl"}], btok, max_length=64)[0]
+    assert [t for t in ex["labels"] if t != IGNORE_INDEX] == owl + [btok.eos_token_id]
+    # Saved and reloaded offline, it encodes the same.
+    btok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert len(again) == len(btok) and again(prompt)["input_ids"] == ids
+    with pytest.raises(ValueError, match="whole_tokens"):
+        build_tokenizer(texts, vocab_size=512, whole_tokens=[""])
+
+
 # ----------------------------------------------------------------------- tokenizing
 def test_labels_mask_exactly_the_prompt(tok, records):
     ds = tokenize_sft(records, tok, max_length=256)

@@ -5,7 +5,12 @@ import re
 
 import pytest
 
-from tp_trainer.data.tasks import TASKS, generate_tasks, write_task_splits
+from tp_trainer.data.tasks import DEFAULT_TASKS, TASKS, generate_tasks, write_task_splits
+
+ALL_TASKS = {"add", "sort", "reverse", "copy_field", "max", "first_word", "last_word",
+             "add_digits", "sort_digits", "max_digit"}
+# The single-digit variants: (kind, number of input values, largest value).
+DIGIT_VARIANTS = {"add_digits": ("add", (2, 2), 9), "sort_digits": ("sort", (3, 5), 9), "max_digit": ("max", (3, 6), 9)}
 
 
 def _ints(text):
@@ -15,6 +20,11 @@ def _ints(text):
 def _solve(record):
     """Independently recompute the expected answer from instruction + input."""
     task, instruction, inp = record["task"], record["instruction"], record["input"]
+    if task in DIGIT_VARIANTS:
+        kind, (low, high), largest = DIGIT_VARIANTS[task]
+        numbers = _ints(instruction + " " + inp)
+        assert low <= len(numbers) <= high and all(0 <= x <= largest for x in numbers), record
+        task = kind
     if task == "add":
         numbers = _ints(instruction + " " + inp)
         assert len(numbers) == 2, record
@@ -65,9 +75,9 @@ def test_every_answer_is_correct_and_fields_are_strings():
 
 
 def test_task_balance_subset_and_phrasing_variety():
-    records = generate_tasks(420, seed=1)  # a multiple of the 7 tasks
+    records = generate_tasks(420, seed=1)  # a multiple of the 10 tasks
     counts = {t: sum(r["task"] == t for r in records) for t in TASKS}
-    assert set(counts) == {"add", "sort", "reverse", "copy_field", "max", "first_word", "last_word"}
+    assert set(counts) == ALL_TASKS
     assert all(c == 420 // len(TASKS) for c in counts.values())
     for task in TASKS:
         templates = {_template(r) for r in records if r["task"] == task}
@@ -79,9 +89,34 @@ def test_task_balance_subset_and_phrasing_variety():
 
 
 def test_no_input_variant_exists_for_add():
-    records = generate_tasks(200, seed=2, tasks=["add"])
-    assert any(r["input"] == "" for r in records)
-    assert any(r["input"] != "" for r in records)
+    for task in ("add", "add_digits"):
+        records = generate_tasks(200, seed=2, tasks=[task])
+        assert any(r["input"] == "" for r in records)
+        assert any(r["input"] != "" for r in records)
+
+
+def test_digit_variants_stay_in_range_and_the_originals_do_not():
+    """The default's single-digit tasks draw from 0..9 only; the original tasks keep their wider ranges."""
+    for task in DIGIT_VARIANTS:
+        records = generate_tasks(300, seed=4, tasks=[task])
+        assert all(r["output"] == _solve(r) for r in records)  # _solve checks counts and ranges
+        assert len({r["input"] or r["instruction"] for r in records}) > 100  # varied, not a handful
+    assert max(max(_ints(r["input"])) for r in generate_tasks(300, seed=4, tasks=["sort"])) > 9
+    assert max(max(_ints(r["input"])) for r in generate_tasks(300, seed=4, tasks=["max"])) > 9
+    assert max(int(r["output"]) for r in generate_tasks(300, seed=4, tasks=["add"])) > 18
+
+
+def test_default_tasks_are_the_recipes_mix():
+    """DEFAULT_TASKS names the default recipe's generated_tasks: five or more kinds, all known."""
+    import os
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "recipes", "tiny-sft.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    assert tuple(recipe["generated_tasks"].split(",")) == DEFAULT_TASKS
+    assert set(DEFAULT_TASKS) <= set(TASKS) and len(set(DEFAULT_TASKS)) >= 5
 
 
 def test_unknown_task_and_bad_n_raise():
@@ -97,10 +132,11 @@ def _read(path):
 
 
 def test_write_task_splits_disjoint_balanced_and_reproducible(tmp_path):
-    paths = write_task_splits(tmp_path / "a", n_train=500, n_eval=105, seed=3)  # eval: 15 per task
+    n_eval = 15 * len(TASKS)  # eval: 15 per task
+    paths = write_task_splits(tmp_path / "a", n_train=500, n_eval=n_eval, seed=3)
     assert set(paths) == {"train", "eval"}
     train, evals = _read(paths["train"]), _read(paths["eval"])
-    assert len(train) == 500 and len(evals) == 105
+    assert len(train) == 500 and len(evals) == n_eval
     train_keys = [(r["instruction"], r["input"]) for r in train]
     eval_keys = [(r["instruction"], r["input"]) for r in evals]
     assert not set(train_keys) & set(eval_keys)
@@ -110,10 +146,28 @@ def test_write_task_splits_disjoint_balanced_and_reproducible(tmp_path):
     assert all(sum(r["task"] == t for r in evals) == 15 for t in TASKS)
     for record in train + evals:
         assert record["output"] == _solve(record)
-    again = write_task_splits(tmp_path / "b", n_train=500, n_eval=105, seed=3)
+    again = write_task_splits(tmp_path / "b", n_train=500, n_eval=n_eval, seed=3)
     for split in ("train", "eval"):
         with open(paths[split], "rb") as f1, open(again[split], "rb") as f2:
             assert f1.read() == f2.read()
+
+
+def test_a_task_with_few_distinct_records_gives_all_it_has(tmp_path):
+    """add_digits has 700 distinct (instruction, input) pairs (100 sums x 7 phrasings): asked for more than its
+    share, it gives all of them and the other tasks fill the rest; eval stays balanced and disjoint from train."""
+    n_eval = 10 * len(DEFAULT_TASKS)
+    paths = write_task_splits(tmp_path, n_train=7000, n_eval=n_eval, seed=5, tasks=DEFAULT_TASKS)
+    train, evals = _read(paths["train"]), _read(paths["eval"])
+    assert len(train) == 7000 and all(sum(r["task"] == t for r in evals) == 10 for t in DEFAULT_TASKS)
+    keys = [(r["instruction"], r["input"]) for r in train + evals]
+    assert len(set(keys)) == len(keys)
+    assert sum(r["task"] == "add_digits" for r in train + evals) == 700
+    assert all(sum(r["task"] == t for r in train) > 1000 for t in DEFAULT_TASKS if t != "add_digits")
+    for record in train + evals:
+        assert record["output"] == _solve(record)
+    # A lone task cannot be filled by others: asking for more than exists is an error naming the count.
+    with pytest.raises(ValueError, match="Could only generate 700 unique records"):
+        write_task_splits(tmp_path / "x", n_train=800, n_eval=10, seed=5, tasks=["add_digits"])
 
 
 def test_write_task_splits_single_task_and_bad_args(tmp_path):

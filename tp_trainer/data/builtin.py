@@ -3,7 +3,8 @@
 ``prepare_builtin(data_dir, ...)`` writes, once::
 
     data_dir/train.jsonl, eval.jsonl          generated tasks (tp_trainer.data.tasks), held-out eval split
-    data_dir/tokenizer/                       byte-level BPE fast tokenizer trained on the train split
+    data_dir/tokenizer-<tag>/                 byte-level BPE fast tokenizer trained on the train split
+                                              (<tag>: a hash of TOKENIZER_OPTIONS)
     data_dir/<model>-seed<S>/                 the initial model: a built-in config + that tokenizer,
                                               random weights from torch.manual_seed(S)
 
@@ -23,22 +24,37 @@ import tempfile
 
 from transformers.utils import logging
 
-from .sft import format_example
+from .sft import PROMPT_TEMPLATE, PROMPT_TEMPLATE_NO_INPUT, format_example
 from .tasks import write_task_splits
 from .tokenizer import build_tokenizer
 
 logger = logging.get_logger(__name__)
 
 #: Built-in model configs (Llama architecture); vocab_size comes from the tokenizer.
-#: tiny-llama: 4 heads of 32 so tp 1, 2 and 4 all split heads evenly; ~1M parameters with a
-#: ~1k vocabulary, so a few hundred tp=2 steps fit in a few minutes on 2 CPU cores. (The MLP width
-#: 320 is deliberately not 384 = q+k+v width, which the planner's fused-QKV heuristic would flag.)
+#: tiny-llama: 4 heads of 32 so tp 1, 2 and 4 all split heads evenly; ~0.9M parameters with the built-in
+#: tokenizer's ~520 tokens, so the default's 1000 tp=2 steps of 64 sequences take under 2 minutes on 2 CPU cores.
+#: (The MLP width 320 is deliberately not 384 = q+k+v width, which the planner's fused-QKV heuristic would flag.)
 BUILTIN_MODELS = {
     "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=320, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_dropout=0.0),
 }
 TOKENIZER_VOCAB = 1024
+
+
+def template_pieces() -> tuple[str, ...]:
+    """The fixed text of the Alpaca prompt templates between the fields: each becomes ONE token of the built-in
+    tokenizer (a prompt is then ~20 tokens instead of ~60; the template itself is unchanged)."""
+    pieces = []
+    for template in (PROMPT_TEMPLATE, PROMPT_TEMPLATE_NO_INPUT):
+        head, rest = template.split("{instruction}")
+        pieces += [head, *(p for p in rest.replace("{input}", "{}").split("{}") if p)]
+    return tuple(dict.fromkeys(pieces))
+
+
+#: build_tokenizer options of the built-in tokenizer (its directory name carries their hash, so a change is never
+#: served a stale tokenizer from an earlier run's data_dir).
+TOKENIZER_OPTIONS = dict(vocab_size=TOKENIZER_VOCAB, whole_tokens=template_pieces(), isolate_words=True)
 
 
 def is_builtin(name: str) -> bool:
@@ -76,9 +92,10 @@ def prepare_tokenizer(data_dir: str, train_file: str) -> str:
     def write(tmp):
         with open(train_file, encoding="utf-8") as f:
             texts = [format_example(json.loads(line)) for line in f if line.strip()]
-        build_tokenizer(texts, vocab_size=TOKENIZER_VOCAB).save_pretrained(tmp)
+        build_tokenizer(texts, **TOKENIZER_OPTIONS).save_pretrained(tmp)
 
-    return _atomic_dir(os.path.join(os.path.dirname(train_file), "tokenizer"), write)
+    tag = hashlib.sha1(json.dumps(TOKENIZER_OPTIONS, sort_keys=True).encode()).hexdigest()[:8]
+    return _atomic_dir(os.path.join(os.path.dirname(train_file), f"tokenizer-{tag}"), write)
 
 
 def prepare_model(data_dir: str, name: str, tokenizer_dir: str, *, seed: int) -> str:
@@ -100,7 +117,8 @@ def prepare_model(data_dir: str, name: str, tokenizer_dir: str, *, seed: int) ->
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    tok_tag = os.path.basename(os.path.dirname(os.path.abspath(tokenizer_dir)))
+    tok_dir = os.path.abspath(tokenizer_dir)
+    tok_tag = f"{os.path.basename(os.path.dirname(tok_dir))}-{os.path.basename(tok_dir)}"
     config_tag = hashlib.sha1(json.dumps(BUILTIN_MODELS[name], sort_keys=True).encode()).hexdigest()[:8]
     return _atomic_dir(os.path.join(data_dir, f"{name}-{config_tag}-seed{seed}-{tok_tag}"), write)
 

@@ -5,6 +5,19 @@ including newlines of the prompt template) whose pre-tokenizer first splits ever
 digit into its own piece. Numbers are therefore always encoded digit by digit,
 which keeps arithmetic tasks learnable.
 
+Two options shape it for small models trained on templated data:
+
+* ``whole_tokens``: strings (e.g. the fixed pieces of the Alpaca prompt template)
+  that are encoded as ONE token each wherever they occur, like the role markers of
+  chat tokenizers. The ~30-token Alpaca boilerplate becomes 1 token: a generated task
+  record is ~26 tokens instead of ~62, and a training step costs accordingly less.
+* ``isolate_words``: pre-tokenize into runs of letters, single digits, runs of
+  punctuation with at most one following space (``", "``, ``": "``) and single
+  whitespace characters, instead of GPT-2's ``" word"`` pieces. A word or a letter is
+  then the same token at the start of a line, after a space and at the start of a
+  response (``"d e r"`` is ``d``, ``Ġ``, ``e``, ``Ġ``, ``r``), so copying, reversing and
+  looking up move identical tokens instead of learning ``"Ġx" -> "x"`` pairs.
+
 Tensor parallelism shards the embedding / LM-head along the vocabulary, so
 :func:`build_tokenizer` pads ``len(tokenizer)`` up to a multiple of
 ``pad_to_multiple_of`` (default 8) with filler special tokens named
@@ -16,9 +29,9 @@ tokens) as the model's ``vocab_size``.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
@@ -43,6 +56,8 @@ def build_tokenizer(
     min_frequency: int = 2,
     pad_to_multiple_of: Optional[int] = 8,
     add_bos_token: bool = True,
+    whole_tokens: Sequence[str] = (),
+    isolate_words: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with single-digit splitting on ``texts``.
 
@@ -58,6 +73,14 @@ def build_tokenizer(
         add_bos_token: Prepend ``<s>`` when encoding with ``add_special_tokens=True``
             (the default of ``tokenizer(...)``). EOS is never appended automatically;
             SFT code appends it to the response explicitly.
+        whole_tokens: Non-empty strings each encoded as a single (non-special) token
+            wherever it occurs; they are cut out of the BPE training texts, so the merges
+            are spent on the rest. Decoding (also with ``skip_special_tokens=True``)
+            gives them back verbatim, so text still round-trips exactly. Longer strings
+            win where two overlap.
+        isolate_words: Pre-tokenize into letter runs, single digits, punctuation runs with
+            at most one trailing space, and single whitespace characters (no BPE token then
+            glues a space to a word, e.g. ``"Ġcat"``). Default: GPT-2's pre-tokenization.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``bos_token="<s>"``, ``eos_token="</s>"``,
@@ -77,13 +100,23 @@ def build_tokenizer(
             f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}."
         )
 
+    whole_tokens = list(whole_tokens)
+    if any(not isinstance(w, str) or not w for w in whole_tokens):
+        raise ValueError(f"whole_tokens must be non-empty strings, got {whole_tokens!r}.")
+    # Longest first (cutting a string out of the training texts must not break a longer one), ties by text: the
+    # token ids never depend on the order given or on hash randomisation.
+    whole_tokens = sorted(set(whole_tokens), key=lambda w: (-len(w), w))
+
     tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    pieces = [pre_tokenizers.Digits(individual_digits=True)]
+    if isolate_words:
+        pieces += [
+            pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+ ?|\s"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
-    )
+    else:
+        pieces.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pieces)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -102,11 +135,16 @@ def build_tokenizer(
                     f"{type(text).__name__}."
                 )
             counter["n"] += 1
+            for whole in whole_tokens:  # the added tokens below encode these; BPE never sees them
+                text = text.replace(whole, "\n")
             yield text
 
     tok.train_from_iterator(_iter(), trainer=trainer)
     if counter["n"] == 0:
         raise ValueError("build_tokenizer got no training texts; pass a non-empty iterable of str.")
+
+    if whole_tokens:
+        tok.add_tokens([AddedToken(w, normalized=False, special=False) for w in whole_tokens])
 
     if add_bos_token:
         bos_id = tok.token_to_id(BOS_TOKEN)
@@ -138,7 +176,7 @@ def build_tokenizer(
             f"Tokenizer length {len(hf_tok)} is not a multiple of {pad_to_multiple_of}."
         )
     logger.info(
-        "Trained byte-level BPE tokenizer on %d texts: %d tokens (%d filler tokens added).",
-        counter["n"], len(hf_tok), n_fillers,
+        "Trained byte-level BPE tokenizer on %d texts: %d tokens (%d whole-string tokens, %d filler tokens).",
+        counter["n"], len(hf_tok), len(whole_tokens), n_fillers,
     )
     return hf_tok

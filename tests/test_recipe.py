@@ -27,8 +27,8 @@ def test_default_recipe_fields():
     r = parse([DEFAULT])
     assert r.model.model_name_or_path == "tiny-llama"
     assert (r.training.tp_size, r.training.zero_stage, r.job.nproc_per_node) == (2, 1, 2)
-    assert r.data.train_file is None and r.data.max_length == 160
-    assert r.training.max_steps == 1600 and r.training.learning_rate == pytest.approx(1e-3)
+    assert r.data.train_file is None and r.data.max_length == 128
+    assert r.training.max_steps == 1000 and r.training.learning_rate == pytest.approx(2e-3)
 
 
 def test_command_line_overrides_yaml():
@@ -38,7 +38,7 @@ def test_command_line_overrides_yaml():
     assert r.data.packing is True and r.model.dtype == "bfloat16"
     assert r.training.learning_rate == pytest.approx(1e-4) and r.job.nproc_per_node == 4
     # fields the override did not name keep their YAML values
-    assert r.training.per_device_train_batch_size == 16 and r.data.generated_seed == 1234
+    assert r.training.per_device_train_batch_size == 64 and r.data.generated_seed == 1234
 
 
 def test_flags_without_a_recipe_file_use_dataclass_defaults():

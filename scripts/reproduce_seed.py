@@ -5,7 +5,7 @@
     python scripts/reproduce_seed.py --max-steps 60 --world-size 2 --layouts 0,4 --no-resume   # quick look
 
 Writes docs/seed-miniature/{loss_curves.png, resume_zero1.png, resume_zero2.png, report.md, results.json};
-see tp_trainer/commands/report.py for what each run is and tp_trainer/report.py for the agreement check.
+see tp_trainer/commands/report.py for what each run is and tp_trainer/app/report.py for the agreement check.
 """
 
 import sys

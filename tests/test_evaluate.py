@@ -1,4 +1,4 @@
-"""Tests for tp_trainer.evaluate (exact match, eval loss, results table)."""
+"""Tests for tp_trainer.app.evaluate (exact match, eval loss, results table)."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tp_trainer.data.sft import SFTDataCollator, format_example, format_prompt, tokenize_sft
-from tp_trainer.data.tasks import generate_tasks
-from tp_trainer.data.tokenizer import build_tokenizer
-from tp_trainer.evaluate import eval_loss, exact_match_eval, format_accuracy_table
+from tp_trainer.app.data.sft import SFTDataCollator, format_example, format_prompt, tokenize_sft
+from tp_trainer.app.data.tasks import generate_tasks
+from tp_trainer.app.data.tokenizer import build_tokenizer
+from tp_trainer.app.evaluate import eval_loss, exact_match_eval, format_accuracy_table
 
 # The records these tests were written against (tasks added later would shift every seeded draw).
 FIVE_TASKS = ("add", "sort", "reverse", "copy_field", "max")

@@ -23,7 +23,7 @@ WITHOUT_DATASETS = textwrap.dedent("""
     from tp_trainer import (ParallelContext, TPTrainer, TPTrainingArguments, apply_tensor_parallel,
                             plan_tensor_parallel)
     import tp_trainer.checkpoint, tp_trainer.checkpoint.export, tp_trainer.zero
-    import tp_trainer.data.tasks, tp_trainer.data.tokenizer  # the data helpers that need no datasets
+    import tp_trainer.app.data.tasks, tp_trainer.app.data.tokenizer  # the data helpers that need no datasets
 
     import torch
     import transformers

@@ -36,8 +36,7 @@ LAYERS = {
     "checkpoint": "checkpoint",
     "memory": "memory", "memory_trace": "memory",
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
-    "fsdp_baseline": "trainer",
-    "recipe": "app", "launch": "app", "data": "app", "evaluate": "app", "report": "app",
+    "app": "app",
     "commands": "commands", "cli": "commands",
     "upstream": "table",
 }

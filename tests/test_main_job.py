@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from distributed import skip_unless_world_fits
-from tp_trainer.report import compare_curves, loss_curve
+from tp_trainer.app.report import compare_curves, loss_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "recipes", "tiny-sft.yaml")
@@ -99,7 +99,7 @@ def test_report_writes_figure_and_tables(report):
 
 
 def test_layout_global_batch_arithmetic():
-    from tp_trainer.report import seed_layouts
+    from tp_trainer.app.report import seed_layouts
 
     layouts = seed_layouts(4)
     assert [(l.tp_size, l.dp_size, l.zero_stage, l.fsdp) for l in layouts] == [

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from tp_trainer.launch import check_nproc, launcher_command, launcher_env, under_launcher
-from tp_trainer.recipe import parse_recipe, peek, read_recipe_file, world_size_env
+from tp_trainer.app.launch import check_nproc, launcher_command, launcher_env, under_launcher
+from tp_trainer.app.recipe import parse_recipe, peek, read_recipe_file, world_size_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "recipes", "tiny-sft.yaml")

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from tp_trainer.data.sft import (
+from tp_trainer.app.data.sft import (
     IGNORE_INDEX,
     SFTDataCollator,
     format_example,
@@ -18,8 +18,8 @@ from tp_trainer.data.sft import (
     load_alpaca,
     tokenize_sft,
 )
-from tp_trainer.data.tasks import generate_tasks
-from tp_trainer.data.tokenizer import build_tokenizer
+from tp_trainer.app.data.tasks import generate_tasks
+from tp_trainer.app.data.tokenizer import build_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +125,7 @@ def test_builtin_tokenizer_template_tokens_and_word_identity(records, tmp_path):
     is the same token wherever it stands, digits stay single, and text still round-trips and reloads offline."""
     from transformers import AutoTokenizer
 
-    from tp_trainer.data.builtin import TOKENIZER_OPTIONS, template_pieces
+    from tp_trainer.app.data.builtin import TOKENIZER_OPTIONS, template_pieces
 
     pieces = template_pieces()
     assert len(pieces) == 4 and all(p in ALPACA_WITH_INPUT + ALPACA_NO_INPUT for p in pieces)
@@ -184,7 +184,7 @@ def test_labels_mask_exactly_the_prompt(tok, records):
 
 @pytest.fixture
 def sft_log():
-    """Records of the tp_trainer.data.sft logger at WARNING and above.
+    """Records of the tp_trainer.app.data.sft logger at WARNING and above.
 
     Its own handler rather than caplog: the package logger does not propagate to the root, and
     pytest's ``caplog.at_level(logger=...)`` attaches its handler differently across pytest releases
@@ -196,7 +196,7 @@ def sft_log():
         def emit(self, record):
             records.append(record)
 
-    logger = logging.getLogger("tp_trainer.data.sft")
+    logger = logging.getLogger("tp_trainer.app.data.sft")
     handler, level = Keep(level=logging.WARNING), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)

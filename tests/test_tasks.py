@@ -1,11 +1,11 @@
-"""Tests for the generated instruction tasks (tp_trainer.data.tasks)."""
+"""Tests for the generated instruction tasks (tp_trainer.app.data.tasks)."""
 
 import json
 import re
 
 import pytest
 
-from tp_trainer.data.tasks import DEFAULT_TASKS, TASKS, generate_tasks, write_task_splits
+from tp_trainer.app.data.tasks import DEFAULT_TASKS, TASKS, generate_tasks, write_task_splits
 
 ALL_TASKS = {"add", "sort", "reverse", "copy_field", "max", "first_word", "last_word",
              "add_digits", "sort_digits", "max_digit"}

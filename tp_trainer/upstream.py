@@ -74,7 +74,7 @@ class MissingInternal(LookupError):
 
 # --------------------------------------------------------------------------------------------- the table
 TRAINER, ACCEL, ARGS, FSDP = ("tp_trainer/trainer.py", "tp_trainer/accelerator.py", "tp_trainer/args.py",
-                              "tp_trainer/fsdp_baseline.py")
+                              "tp_trainer/app/fsdp_baseline.py")
 SAVE, LOAD, LAYOUT = "tp_trainer/checkpoint/save.py", "tp_trainer/checkpoint/load.py", "tp_trainer/checkpoint/layout.py"
 ATTN, MEMORY, TRACE = "tp_trainer/parallel/attention.py", "tp_trainer/memory.py", "tp_trainer/memory_trace.py"
 FAMILIES, EXPERTS = "tp_trainer/planner/families.py", "tp_trainer/planner/experts.py"
@@ -149,7 +149,7 @@ INTERNALS: tuple[Internal, ...] = (
              "validates the layout before the TrainingArguments' __post_init__ sets up the devices"),
     Internal(f"{TA}.train_sampling_strategy", "attribute", None, ARGS,
              "'batch_rebalance' shards by global rank: refused under TP (read with getattr: a rename drops the check)"),
-    Internal(f"{TA}._setup_devices", "attribute", None, f"{ARGS}; tp_trainer/launch.py",
+    Internal(f"{TA}._setup_devices", "attribute", None, f"{ARGS}; tp_trainer/app/launch.py",
              "use_cpu / ACCELERATE_USE_CPU make a torchrun CPU world one distributed world", ("ACCELERATE_USE_CPU",)),
     # ---- accelerate.Accelerator: TPAccelerator (class swapped in), FSDPBaselineTrainer (instance patch)
     Internal(ACC, "patch", None, ACCEL, "TPAccelerator.adopt swaps the Trainer's accelerator's __class__"),

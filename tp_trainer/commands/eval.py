@@ -2,7 +2,7 @@
 
 Each model is an ordinary HF directory (e.g. ``save_model`` output) evaluated in this one
 process: greedy generation, exact match against ``output`` per task, and the token-weighted
-eval loss over the responses (:mod:`tp_trainer.evaluate`). With several models it prints one
+eval loss over the responses (:mod:`tp_trainer.app.evaluate`). With several models it prints one
 table in the shape of the seed's table 1: rows are tasks, columns are the models, e.g.::
 
     tp-trainer eval "before SFT=out/builtin/tiny-llama-seed42-..." "ZeRO-1 dp4=runs/zero1/final" \\
@@ -23,7 +23,7 @@ def evaluate_model_dir(model_dir: str, records, *, max_length: int, max_new_toke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluate import eval_loss, exact_match_eval
+    from ..app.evaluate import eval_loss, exact_match_eval
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token is None:
@@ -35,7 +35,7 @@ def evaluate_model_dir(model_dir: str, records, *, max_length: int, max_new_toke
 
 
 def load_records(path: str, limit: int | None = None) -> list[dict]:
-    from ..data.sft import load_alpaca
+    from ..app.data.sft import load_alpaca
 
     records = load_alpaca(path).to_list()
     return records[:limit] if limit else records
@@ -44,7 +44,7 @@ def load_records(path: str, limit: int | None = None) -> list[dict]:
 def evaluate_and_report(models: dict[str, str | None], data: str, max_length: int, *, max_new_tokens: int = 24,
                         limit: int | None = None, json_path: str | None = None) -> dict[str, dict]:
     """Evaluate ``{column name: model dir}`` (``None`` entries skipped), print the table, return the results."""
-    from ..evaluate import format_accuracy_table
+    from ..app.evaluate import format_accuracy_table
 
     records = load_records(data, limit)
     results = {name: evaluate_model_dir(path, records, max_length=max_length, max_new_tokens=max_new_tokens)

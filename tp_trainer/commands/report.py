@@ -1,6 +1,6 @@
 """``tp-trainer report``: the seed's experiments in miniature on the built-in default.
 
-Runs ``tp-trainer train RECIPE`` once per layout of :func:`tp_trainer.report.seed_layouts`
+Runs ``tp-trainer train RECIPE`` once per layout of :func:`tp_trainer.app.report.seed_layouts`
 (dp-only ZeRO-1 and ZeRO-2, torch FSDP full-shard as the ZeRO-3-like baseline, TP only,
 TP x ZeRO-1, TP x ZeRO-2; all at the same global batch, from the same initial weights and
 data), then resumes the two TP x ZeRO runs from their mid-run checkpoint. It writes to ``--out``:
@@ -50,7 +50,7 @@ def run_training(recipe: str, out_dir: str, overrides: list[str], *, reuse: bool
 
 
 def parse_args(argv):
-    from ..report import DEFAULT_TOLERANCE
+    from ..app.report import DEFAULT_TOLERANCE
 
     p = argparse.ArgumentParser(prog="tp-trainer report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,8 +83,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     require_matplotlib()
     from .. import report as R
-    from ..evaluate import format_accuracy_table
-    from ..recipe import parse_recipe
+    from ..app.evaluate import format_accuracy_table
+    from ..app.recipe import parse_recipe
     from .eval import evaluate_model_dir, load_records
     from .train import resolve_assets
 
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
     md = "\n".join([
         f"# Seed experiments in miniature ({title})", "",
         f"Reference curve: {ref_name}. Tolerance: max |loss difference| <= {args.tolerance:g} nats on the logged "
-        f"loss (mean of {args.logging_steps} steps); see tp_trainer/report.py for why.", "",
+        f"loss (mean of {args.logging_steps} steps); see tp_trainer/app/report.py for why.", "",
         *[f"- {v}" for v in verdicts], "",
         f"**All curves agree within tolerance: {'yes' if all_agree else 'NO'}.**", "",
         R.summary_table(rows), "",

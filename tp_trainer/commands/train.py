@@ -2,11 +2,11 @@
 
 The flow on every rank (identical inputs, so every rank of a TP group builds identical batches):
 
-1. parse the recipe (:mod:`tp_trainer.recipe`), all validation before any work;
+1. parse the recipe (:mod:`tp_trainer.app.recipe`), all validation before any work;
 2. outside a launcher, re-run through ``torch.distributed.run`` with ``nproc_per_node`` ranks
-   (:mod:`tp_trainer.launch`), after preparing the built-in assets once in the parent;
+   (:mod:`tp_trainer.app.launch`), after preparing the built-in assets once in the parent;
 3. load the tokenizer and the model (a directory, or the generated initial built-in model),
-   load + validate + tokenize the Alpaca data (:mod:`tp_trainer.data.sft`);
+   load + validate + tokenize the Alpaca data (:mod:`tp_trainer.app.data.sft`);
 4. ``TPTrainer(...).train()`` with the Trainer's progress bar; ``save_model(final_model_dir)``;
 5. on the main process: ``log_history.json`` (the loss curve) and, with ``eval_after_train``,
    exact-match accuracy per task and eval loss of the saved model and of the model before SFT.
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from ..recipe import Recipe, make_parser, parse_recipe, peek, world_size_env
+from ..app.recipe import Recipe, make_parser, parse_recipe, peek, world_size_env
 
 HELP = "supervised fine-tuning from a recipe YAML (self-launches its torch.distributed world)"
 
@@ -34,7 +34,7 @@ def final_model_dir(recipe: Recipe) -> str:
 
 def resolve_assets(recipe: Recipe) -> dict[str, str | None]:
     """Paths of train/eval data, tokenizer and model; generates the built-in ones (idempotent)."""
-    from ..data.builtin import is_builtin, prepare_builtin
+    from ..app.data.builtin import is_builtin, prepare_builtin
 
     model, data = recipe.model, recipe.data
     builtin_model = is_builtin(model.model_name_or_path)
@@ -52,7 +52,7 @@ def resolve_assets(recipe: Recipe) -> dict[str, str | None]:
             paths["model"] = generated["model"]
     elif not os.path.isdir(model.model_name_or_path):
         raise ValueError(f"model_name_or_path {model.model_name_or_path!r} is neither a local model directory nor a "
-                         f"built-in config (tp_trainer.data.builtin.BUILTIN_MODELS); nothing is downloaded")
+                         f"built-in config (tp_trainer.app.data.builtin.BUILTIN_MODELS); nothing is downloaded")
     paths["tokenizer"] = paths["tokenizer"] or paths["model"]
     for key in ("train", "eval"):
         if paths[key] is not None and not os.path.isfile(paths[key]):
@@ -74,7 +74,7 @@ def load_model_and_tokenizer(paths: dict, dtype: str):
 
 
 def load_datasets(paths: dict, tokenizer, recipe: Recipe):
-    from ..data.sft import load_alpaca, tokenize_sft
+    from ..app.data.sft import load_alpaca, tokenize_sft
 
     data = recipe.data
     train = tokenize_sft(load_alpaca(paths["train"]), tokenizer, max_length=data.max_length, packing=data.packing)
@@ -85,8 +85,8 @@ def load_datasets(paths: dict, tokenizer, recipe: Recipe):
 
 
 def build_trainer(recipe: Recipe, paths: dict):
-    from ..data.sft import SFTDataCollator
-    from ..fsdp_baseline import FSDPBaselineTrainer, needs_fsdp_baseline
+    from ..app.data.sft import SFTDataCollator
+    from ..app.fsdp_baseline import FSDPBaselineTrainer, needs_fsdp_baseline
     from ..trainer import TPTrainer
 
     model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
         print("usage: tp-trainer train [RECIPE.yaml] [--field value ...]\n\n" + __doc__)
         make_parser().print_help()
         return 0
-    from ..launch import check_nproc, default_nproc, relaunch, under_launcher, use_cpu_world_if_no_gpu
+    from ..app.launch import check_nproc, default_nproc, relaunch, under_launcher, use_cpu_world_if_no_gpu
 
     try:
         if under_launcher():

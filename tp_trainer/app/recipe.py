@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import yaml
 
-from .args import TPTrainingArguments
+from ..args import TPTrainingArguments
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -31,7 +31,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class ModelArguments:
     model_name_or_path: str = field(default="tiny-llama", metadata={
         "help": "A local Hugging Face model directory, or the name of a built-in config (see "
-                "tp_trainer.data.builtin.BUILTIN_MODELS, e.g. 'tiny-llama') whose initial weights are "
+                "tp_trainer.app.data.builtin.BUILTIN_MODELS, e.g. 'tiny-llama') whose initial weights are "
                 "generated from training seed (nothing is downloaded)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer directory (default: the model directory; for a built-in model, a byte-level BPE "
@@ -48,7 +48,7 @@ class ModelArguments:
 class DataArguments:
     train_file: str | None = field(default=None, metadata={
         "help": "Alpaca-format JSON/JSONL training data (instruction, input, output). Default: the generated "
-                "instruction tasks of tp_trainer.data.tasks, written to data_dir."})
+                "instruction tasks of tp_trainer.app.data.tasks, written to data_dir."})
     eval_file: str | None = field(default=None, metadata={
         "help": "Held-out Alpaca-format data for eval loss and exact-match accuracy (default: the generated "
                 "eval split when train_file is generated, otherwise none)."})
@@ -141,7 +141,7 @@ def read_recipe_file(path: str) -> dict:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"recipe {path!r}: unknown field {key!r}{hint}. Fields are those of TPTrainingArguments, "
-                             "ModelArguments, DataArguments and JobArguments (tp_trainer/recipe.py).")
+                             "ModelArguments, DataArguments and JobArguments (tp_trainer/app/recipe.py).")
     return values
 
 

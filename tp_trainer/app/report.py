@@ -52,7 +52,7 @@ class Layout:
                 "--per_device_train_batch_size", str(self.per_device_batch(global_batch)),
                 "--gradient_accumulation_steps", "1"]
         if self.fsdp:
-            args += ["--fsdp"]  # bare flag = True (FSDP2 full shard; tp_trainer.fsdp_baseline on CPU)
+            args += ["--fsdp"]  # bare flag = True (FSDP2 full shard; tp_trainer.app.fsdp_baseline on CPU)
         return args
 
 

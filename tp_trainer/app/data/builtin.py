@@ -2,7 +2,7 @@
 
 ``prepare_builtin(data_dir, ...)`` writes, once::
 
-    data_dir/train.jsonl, eval.jsonl          generated tasks (tp_trainer.data.tasks), held-out eval split
+    data_dir/train.jsonl, eval.jsonl          generated tasks (tp_trainer.app.data.tasks), held-out eval split
     data_dir/tokenizer-<tag>/                 byte-level BPE fast tokenizer trained on the train split
                                               (<tag>: a hash of TOKENIZER_OPTIONS)
     data_dir/<model>-seed<S>/                 the initial model: a built-in config + that tokenizer,

@@ -2,13 +2,13 @@
 
 Submodules (import them directly; nothing here touches ``torch.distributed``):
 
-* :mod:`tp_trainer.data.tasks` -- deterministic instruction tasks with checkable answers.
-* :mod:`tp_trainer.data.tokenizer` -- train a small byte-level BPE fast tokenizer offline.
-* :mod:`tp_trainer.data.sft` -- Alpaca template, loading/validation, tokenization, collator.
+* :mod:`tp_trainer.app.data.tasks` -- deterministic instruction tasks with checkable answers.
+* :mod:`tp_trainer.app.data.tokenizer` -- train a small byte-level BPE fast tokenizer offline.
+* :mod:`tp_trainer.app.data.sft` -- Alpaca template, loading/validation, tokenization, collator.
 """
 
 # Imported on first use: ``sft`` needs ``datasets`` (the application's dependency), ``tasks`` and
-# ``tokenizer`` do not, so ``import tp_trainer.data.tasks`` works where ``datasets`` is absent.
+# ``tokenizer`` do not, so ``import tp_trainer.app.data.tasks`` works where ``datasets`` is absent.
 _SUBMODULE = {"IGNORE_INDEX": "sft", "PROMPT_TEMPLATE": "sft", "PROMPT_TEMPLATE_NO_INPUT": "sft",
               "SFTDataCollator": "sft", "format_example": "sft", "format_prompt": "sft", "load_alpaca": "sft",
               "tokenize_sft": "sft", "TASKS": "tasks", "generate_tasks": "tasks", "write_task_splits": "tasks",

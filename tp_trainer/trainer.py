@@ -84,8 +84,7 @@ class TPTrainer(Trainer):
         kernels = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
             f"; {split} replicated norms split over tokens" if split else "") + (
             "; causal attention by CPU row blocks" if self._cpu_attention else "")
-        # ZeRO shards over dp: at dp=1 it only adds its buckets (benchmark model, tp=2 bf16, in-process
-        # A/B: +2% step time; +17% peak memory, scripts/bench.py's tp2_zero1 vs tp2)
+        # ZeRO shards over dp: at dp=1 it only adds its buckets (their cost: docs/benchmarks.md)
         idle_zero = " (dp=1: nothing to shard, zero_stage=0 is leaner)" if args.zero_stage and ctx.dp_size == 1 else ""
         dtype = next(self.model.parameters()).dtype
         return (f"{ctx.describe()}\n"

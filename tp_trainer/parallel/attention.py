@@ -18,12 +18,7 @@ The blocks skip the keys above the diagonal block, ``(n - 1) / 2n`` of the full 
 product for ``n`` blocks; grouped heads need no ``repeat_kv`` copy and their key/value
 gradients are summed inside the GEMM. It saves the probabilities ``P`` (``B H S^2 (n+1)/2n``
 elements per layer) instead of recomputing them, so it is only used while they are small
-(:data:`MAX_SAVED_PROBS_BYTES`); longer sequences keep torch's kernel. Measured on one core
-(``B=4, S=256, d=64``, 4 query / 2 kv heads, forward + backward): fp32 12.4 ms with torch's
-kernel vs 8.6 ms here, bf16 14.9 vs 6.3 ms (blocks of 32 and 128 within 5% of 64 in fp32, 64
-and 128 best in bf16; at S=512 and 1024 the gain holds: fp32 50 -> 30, 148 -> 108-115 ms). In
-the training step (one rank of tp=2, alternating-step A/B): 13.4 -> 10.2 ms per layer in fp32,
-bf16 step 376 -> 335 ms.
+(:data:`MAX_SAVED_PROBS_BYTES`); longer sequences keep torch's kernel. (Measured against torch's kernel: docs/benchmarks.md, "Kernel measurements".)
 
 :func:`use_cpu_attention` installs it through transformers' attention registry: the model
 keeps calling its attention interface, which routes here exactly when ``sdpa`` would have

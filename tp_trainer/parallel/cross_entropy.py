@@ -11,11 +11,8 @@ One all-gather of ``2 x tokens`` floats replaces an all-gather of ``[tokens, V]`
 Padding columns (vocabulary rounded up to a multiple of ``tp``) are excluded.
 
 Cost on the local ``[tokens, V/tp]`` block: torch's fused softmax kernel (one fresh buffer,
-kept for backward) plus two row maxima in forward, one in-place scale in backward. Measured
-on the benchmark's fp32 loss block (1024 x 2048, one thread): 1.6 ms forward against 4.4 ms for
-the unfused max / subtract / exp / sum / divide chain, whose ``exp`` (1.8 ms) and ``max(dim)``
-(1.9 ms; ``amax``: 0.1 ms) cost more than the whole fused softmax (1.4 ms); the fp32 benchmark
-step went from 597 to 588 ms (in-process A/B, alternating steps), bf16 unchanged.
+kept for backward) plus two row maxima in forward, one in-place scale in backward. The fused
+softmax measured faster than the unfused max / subtract / exp / sum / divide chain (docs/benchmarks.md, "Kernel measurements").
 """
 
 from __future__ import annotations

@@ -76,9 +76,8 @@ def counted_square_sum(pieces, device) -> torch.Tensor:
 
     Whole fp32 gradients (almost all of them) go through ``torch._foreach_norm``, what
     ``torch.nn.utils.clip_grad_norm_`` uses: one read pass per tensor and no temporary, where
-    ``grad.pow(2).sum()`` writes and re-reads a gradient-sized temporary (with the multi-tensor
-    scaling in ``ShardedOptimizer.clip_grad_norm``, the fp32 benchmark's clipping went from 6.5 to
-    3.8 ms per tp=2 rank). Each norm is squared back; the relative error that adds is ~1e-7.
+    ``grad.pow(2).sum()`` writes and re-reads a gradient-sized temporary (measured: docs/benchmarks.md,
+    "Kernel measurements"). Each norm is squared back; the relative error that adds is ~1e-7.
     """
     whole, total = [], torch.zeros((), dtype=torch.float32, device=device)
     for grad, mask in pieces:

@@ -4,9 +4,8 @@ Why: a training step frees and re-allocates the same activation-sized buffers (M
 step. glibc serves blocks above its mmap threshold (128 KiB, raised dynamically up to 32 MiB)
 with fresh ``mmap`` calls and trims freed heap tops back to the OS, so those buffers come back
 as new pages that the kernel faults in and zeroes on first touch: ~10,000 minor faults per
-step for the benchmark model (``scripts/bench.py``). Two TP ranks faulting at the same time
-cost a tp=2 rank 9% of its bf16 step on the 2-core benchmark VM (0.395 s -> 0.359 s; the
-single process gains 1-2%). Serving large blocks from the heap (threshold 32 MiB, the glibc
+step for the benchmark model (``scripts/bench.py``; what that costs a step: docs/benchmarks.md,
+"Kernel measurements", and ``scripts/host_faults.py``). Serving large blocks from the heap (threshold 32 MiB, the glibc
 maximum) and never trimming it makes the faults disappear after the first step; the price is
 that the resident set stays at its peak, which a training loop reaches every step anyway.
 

@@ -1,7 +1,7 @@
 """Which kernels and transports a run uses beyond stock PyTorch and transformers, decided in one place.
 
 Every choice below was measured on CPU training (gloo ranks, the 2-core benchmark machine; the
-figures are in the modules named and in docs/benchmarks.md) and none on a GPU, so on CUDA (NCCL)
+figures are in docs/benchmarks.md, "Kernel measurements") and none on a GPU, so on CUDA (NCCL)
 every one is off. :func:`choose_kernels` is the decision table, a pure function of the device,
 the backend and the user's ``cpu_kernels`` flag (``--cpu_kernels auto|off``):
 
@@ -73,9 +73,7 @@ class Kernels:
 
         Only 16-bit ones: one all-gather forward and one backward against half the norm's work, and a
         16-bit norm upcasts to fp32 inside, so it does about twice the work per byte gathered of an
-        fp32 one. Measured on the benchmark model (2 CPU ranks, shared-memory transport, median of
-        18-24 steps, A/B interleaved): bf16 step 368 -> 353 ms with the split, fp32 604 -> 618 ms
-        (worse), so fp32 norms stay replicated.
+        fp32 one: the split measured faster for bf16 norms and slower for fp32 ones (docs/benchmarks.md, "Kernel measurements").
         """
         return self.token_split_norms and torch.empty((), dtype=dtype).element_size() == 2
 

@@ -10,8 +10,7 @@ multiplies three ``[N, H]`` temporaries. Written as one function with the closed
               gx = (dy * w) in fp32,      dx = r (gx - xn mean(gx xn))
 
 it saves ``xn`` and ``r`` (less than autograd keeps) and makes 6 passes over ``[N, H]`` in
-backward instead of about 12. Measured on the benchmark's ``[1024, 512]`` activations, one
-core, forward + backward: fp32 2.1-2.3 ms -> 1.3-1.5 ms, bf16 2.2-2.4 -> 1.5-1.8 ms.
+backward instead of about 12. (Measured: docs/benchmarks.md, "Kernel measurements".)
 
 No communication; the forward is the same op sequence as Hugging Face's, so outputs are
 bit-identical; gradients differ by rounding (relative 1e-7 in fp32). A module is only fused

@@ -2,10 +2,9 @@
 
 Why our own: on CPU, gloo moves every all-reduce through loopback TCP and its own I/O threads.
 A TP step issues one activation-sized all-reduce per row-parallel layer forward and per
-column-parallel input backward (9 + 9 per step for the 4-layer benchmark model). On the
-2-core benchmark machine (median of 30 all-reduces per size, 2 ranks): 1 MiB bf16 gloo 3.5 ms
-vs 0.65 ms here, 2 MiB fp32 2.7 ms vs 0.36 ms, 8 MiB fp32 7.1 ms vs 1.8 ms; inside a step,
-``scripts/profile_step.py`` shows what the collectives cost. NCCL on GPUs is untouched: this
+column-parallel input backward (9 + 9 per step for the 4-layer benchmark model); through a
+shared buffer each is a few memory copies (per-size timings against gloo: docs/benchmarks.md,
+"Kernel measurements"; inside a step, ``scripts/profile_step.py`` shows what the collectives cost). NCCL on GPUs is untouched: this
 path is only chosen for gloo groups (``kernels.py`` decides, :func:`maybe_shared_memory_all_reduce`
 checks the host), and the :class:`~tp_trainer.parallel.context.ParallelContext` hands it to the
 TP layers inside its ``tp_comm``.

@@ -82,7 +82,7 @@ def require_matplotlib() -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     require_matplotlib()
-    from .. import report as R
+    from ..app import report as R
     from ..app.evaluate import format_accuracy_table
     from ..app.recipe import parse_recipe
     from .eval import evaluate_model_dir, load_records

@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from transformers.utils import logging
 
-from .model_info import is_linear, meta_inputs
+from .model_info import is_linear, meta_inputs, record_first_calls
 
 logger = logging.get_logger(__name__)
 aten = torch.ops.aten
@@ -457,20 +457,8 @@ def trace_dataflow(model: nn.Module) -> Dataflow | None:
         last_failure = f"a meta-device forward of the model fails ({type(err).__name__}: {_first_line(err)})"
         return None
     tracer = _Tracer(twin, stream, out_name)
-    order: list[str] = []
-    seen: set[str] = set()
-    handles = []
-
-    def first_call(name):
-        def hook(module, args):
-            if name not in seen:
-                seen.add(name)
-                order.append(name)
-        return hook
-
+    order, handles = record_first_calls(modules)
     for name, mod in modules.items():
-        if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_pre_hook(first_call(name)))
         if is_linear(mod):
             width = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.out_features
             handles.append(mod.register_forward_pre_hook(tracer.linear_pre(name, width), with_kwargs=True))

@@ -129,18 +129,7 @@ def call_order(model: nn.Module) -> list[str] | None:
     """
     try:
         twin = meta_twin(model)
-        order: list[str] = []
-        seen: set[str] = set()
-
-        def hook(name):
-            def fn(mod, args):
-                if name not in seen:
-                    seen.add(name)
-                    order.append(name)
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in twin.named_modules()
-                   if any(True for _ in m.parameters(recurse=False))]
+        order, handles = record_first_calls(dict(twin.named_modules()))
         try:
             with torch.no_grad():
                 twin(**meta_inputs(twin, 4, labels=False))
@@ -152,6 +141,24 @@ def call_order(model: nn.Module) -> list[str] | None:
         logger.info(f"tp_trainer planner: meta-device trace failed ({type(err).__name__}: {err}); "
                     "using module registration order")
         return None
+
+
+def record_first_calls(modules: dict[str, nn.Module]) -> tuple[list[str], list]:
+    """Hooks that append each parameter-owning module's name to ``order`` at its first call:
+    ``(order, hook handles)``; the caller runs the forward, then removes the handles."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def first_call(name):
+        def hook(module, args):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(first_call(name)) for name, mod in modules.items()
+               if any(True for _ in mod.parameters(recurse=False))]
+    return order, handles
 
 
 def layer_lists(model: nn.Module) -> list[str]:

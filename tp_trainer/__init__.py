@@ -24,15 +24,17 @@ _configure_logging()
 from .parallel import ParallelContext
 from .planner import Plan, PlanError, apply_tensor_parallel, plan_tensor_parallel
 
-__all__ = ["ParallelContext", "Plan", "PlanError", "TPTrainer", "TPTrainingArguments", "apply_tensor_parallel",
-           "plan_tensor_parallel"]
+__all__ = ["ParallelContext", "Plan", "PlanError", "TPArgumentsMixin", "TPTrainer", "TPTrainerMixin",
+           "TPTrainingArguments", "apply_tensor_parallel", "plan_tensor_parallel"]
+
+
+_LAZY = {"TPTrainer": "trainer", "TPTrainerMixin": "trainer", "TPTrainingArguments": "args",
+         "TPArgumentsMixin": "args"}
 
 
 def __getattr__(name):  # the Trainer pulls in accelerate/datasets: import it only when asked for
-    if name == "TPTrainer":
-        from .trainer import TPTrainer
-        return TPTrainer
-    if name == "TPTrainingArguments":
-        from .args import TPTrainingArguments
-        return TPTrainingArguments
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

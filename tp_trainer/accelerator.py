@@ -1,7 +1,7 @@
 """An ``accelerate.Accelerator`` that knows the dp x tp mesh (the Trainer talks to it for data and metrics).
 
 accelerate's own TP path refuses CPU (``MULTI_CPU``) and would wrap our model in DDP over the
-whole world, averaging different TP shards together. This subclass changes four things and
+whole world, averaging different TP shards together. This subclass changes the following and
 delegates everything else:
 
 * dataloaders are sharded over the **dp group** (``num_processes=dp``, ``process_index=dp_rank``),
@@ -10,7 +10,8 @@ delegates everything else:
 * ``gather_for_metrics`` gathers over the dp group only and drops the padding samples of the
   last batch, so ``evaluate``/``predict`` see every sample exactly once;
 * ``prepare_model`` applies mixed precision/compile but never wraps in DDP: gradients are
-  reduced by :class:`~tp_trainer.zero.ShardedOptimizer` over the dp group;
+  reduced by :class:`~tp_trainer.zero.ShardedOptimizer` over the dp group (a hook of the trainer
+  sees every model first: it shards a reference model the trainer built itself);
 * ``no_sync`` is a no-op for the same reason, and ``clip_grad_norm_`` delegates to the
   optimizer's global-norm clipping.
 """
@@ -31,15 +32,18 @@ from .parallel.context import ParallelContext
 
 
 class TPAccelerator(Accelerator):
-    tp_context: ParallelContext
+    """Built by ``TPTrainerMixin`` from the arguments the Trainer chose for its accelerator, plus the mesh.
+
+    ``model_hook(model) -> model`` runs at the start of :meth:`prepare_model` (the trainer shards a
+    model of its own there, e.g. TRL's reference model, before mixed precision wraps its forward).
+    """
+
     tp_optimizer = None
 
-    @classmethod
-    def adopt(cls, accelerator: Accelerator, context: ParallelContext) -> "TPAccelerator":
-        """Turn the Trainer's accelerator into a TP-aware one (same state, new behaviour)."""
-        accelerator.__class__ = cls
-        accelerator.tp_context = context
-        return accelerator
+    def __init__(self, tp_context: ParallelContext, *, model_hook=None, **accelerator_args):
+        super().__init__(**accelerator_args)
+        self.tp_context = tp_context
+        self.model_hook = model_hook
 
     def prepare_data_loader(self, data_loader, device_placement=None, slice_fn_for_dispatch=None):
         ctx = self.tp_context
@@ -71,6 +75,8 @@ class TPAccelerator(Accelerator):
         return prepared
 
     def prepare_model(self, model, device_placement=None, evaluation_mode: bool = False):
+        if self.model_hook is not None:
+            model = self.model_hook(model)
         return super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
 
     @contextlib.contextmanager

@@ -1,4 +1,12 @@
-"""``TPTrainingArguments``: ``transformers.TrainingArguments`` plus the parallel layout.
+"""``TPArgumentsMixin``: the parallel layout as fields of any ``TrainingArguments`` subclass.
+
+``TPTrainingArguments`` is the mixin on ``transformers.TrainingArguments``; ``tp_trainer.trl``'s
+``TPSFTConfig``/``TPDPOConfig`` are the same mixin on TRL's configs. Put the mixin first, so that its
+``__post_init__`` validates the layout before ``TrainingArguments.__post_init__`` joins the process
+group, and decorate the subclass with ``@dataclass``::
+
+    @dataclass
+    class MyArguments(TPArgumentsMixin, TrainingArguments): ...
 
 Parsed by ``HfArgumentParser`` from the command line, YAML or JSON like every other field.
 Invalid values fail at construction, before a model or a process group is touched.
@@ -14,7 +22,9 @@ from transformers import TrainingArguments
 
 
 @dataclass
-class TPTrainingArguments(TrainingArguments):
+class TPArgumentsMixin:
+    """Fields and validation of the dp x tp layout; mix into a ``TrainingArguments`` subclass (first base)."""
+
     tp_size: int = field(default=1, metadata={
         "help": "Tensor-parallel degree: ranks that share one copy of the model, each holding 1/tp_size of "
                 "every split layer. The data-parallel degree is world_size / tp_size."})
@@ -36,6 +46,14 @@ class TPTrainingArguments(TrainingArguments):
                 "all-reduce, CPU causal attention, token-split 16-bit norms, fused RMSNorm, malloc tuning), "
                 "each where it applies; 'off': the stock PyTorch / transformers modules and gloo's collectives. "
                 "GPU runs use none of them either way."})
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if issubclass(cls, TrainingArguments) and mro.index(TrainingArguments) < mro.index(TPArgumentsMixin):
+            raise TypeError(f"{cls.__name__}: put TPArgumentsMixin before {TrainingArguments.__name__} (or its "
+                            "subclass) in the bases, so that the layout is validated before the process group is "
+                            f"joined: class {cls.__name__}(TPArgumentsMixin, ...)")
 
     def __post_init__(self):
         if isinstance(self.tp_plan, dict):
@@ -67,6 +85,10 @@ class TPTrainingArguments(TrainingArguments):
         if self.parallel_active and self.deepspeed:
             raise ValueError("--deepspeed and tp_size/zero_stage are two ways of doing the same thing; pick one "
                              "(tp_trainer reads DeepSpeed JSON via --tp_config)")
+        if self.tp_size > 1 and getattr(self, "use_liger_kernel", False):
+            raise ValueError("use_liger_kernel is not supported with tp_size > 1: Liger's kernels "
+                             "replace the modules the planner shards, and its fused cross-entropy reads the whole "
+                             "lm_head.weight (a vocabulary shard under TP); set use_liger_kernel=False")
         if self.parallel_active and getattr(self, "train_sampling_strategy", None) == "batch_rebalance":
             raise ValueError("train_sampling_strategy='batch_rebalance' shards by global rank and would feed "
                              "different batches to the ranks of a TP group; use 'random' or 'group_by_length'")
@@ -96,3 +118,8 @@ class TPTrainingArguments(TrainingArguments):
         from .planner.validate import parse_tp_plan
 
         return parse_tp_plan(self.tp_plan, option="tp_plan")
+
+
+@dataclass
+class TPTrainingArguments(TPArgumentsMixin, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the parallel layout (:class:`TPArgumentsMixin`)."""

@@ -1,71 +1,71 @@
-"""``TPTrainer``: ``transformers.Trainer`` with tensor parallelism and ZeRO-1/2 over the dp group.
+"""``TPTrainerMixin``: tensor parallelism and ZeRO-1/2 over the dp group for any ``transformers.Trainer`` subclass.
 
-Only the overrides live here; each delegates to a module that does the work:
+``TPTrainer`` is the mixin on ``Trainer``; ``tp_trainer.trl``'s trainers are the mixin on TRL's. Put it
+first in the bases, with arguments that carry the layout (:class:`~.args.TPArgumentsMixin`)::
 
-* ``__init__``: build the mesh (:mod:`.parallel.context`), plan and shard the model
-  (:mod:`.planner`) before the Trainer wraps anything, then make the accelerator mesh-aware
-  (:mod:`.accelerator`: dp-sharded dataloaders, dp-only metric gathering, no DDP);
+    class MyTrainer(TPTrainerMixin, SomeTrainer): ...
+    MyTrainer(model=model, args=MyArguments(..., tp_size=2, zero_stage=1), ...)
+
+Only overrides live here; each delegates to a module that does the work:
+
+* ``create_accelerator_and_postprocess`` (the hook ``Trainer.__init__`` calls once ``self.model`` is
+  set, before it moves or wraps the model; a subclass such as TRL's has prepared the model by then:
+  PEFT applied): build the mesh (:mod:`.parallel.context`), plan and shard the model
+  (:mod:`.planner`), then build the Trainer's accelerator as a mesh-aware :class:`~.accelerator.TPAccelerator`
+  (dp-sharded dataloaders, dp-only metric gathering, no DDP) from the arguments the Trainer chose for it
+  (``_build_accelerator_args``);
 * ``create_optimizer``: wrap the Trainer's optimizer in :class:`~.zero.ShardedOptimizer`;
 * ``get_tp_size``: the Trainer divides token counts and the loss scale by it;
 * ``training_step``: the first step checks that a TP group received identical batches;
-* ``_track_num_input_tokens``: the Trainer sums token counts over all ranks, ``tp`` times too many.
+* ``_track_num_input_tokens``: the Trainer sums token counts over all ranks, ``tp`` times too many;
+* ``tp_prepare_model``: called by the accelerator for every model a subclass prepares besides its own
+  (TRL's reference model): a subclass that builds models shards them there (:meth:`tp_shard_like_model`).
 
-With ``tp_size=1`` and ``zero_stage=0`` nothing is overridden: it is the plain ``Trainer``.
+With ``tp_size=1`` and ``zero_stage=0`` nothing is overridden: it is the plain ``Trainer`` (subclass).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging as pylogging
 
-from transformers import Trainer
+import torch.nn as nn
+from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .accelerator import TPAccelerator
-from .args import TPTrainingArguments
+from .args import TPArgumentsMixin, TPTrainingArguments
 from .checks import check_identical_across_tp
 from . import checkpoint as ckpt
 from .checkpoint import export
 from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
-from .planner import apply_tensor_parallel, plan_tensor_parallel
+from .planner import Plan, apply_tensor_parallel, plan_tensor_parallel
 from .zero import ShardedOptimizer
 
 logger = logging.get_logger(__name__)
 
 
-class TPTrainer(Trainer):
-    def __init__(self, model=None, args: TPTrainingArguments | None = None, *pos, **kwargs):
-        if args is None:
-            args = TPTrainingArguments(output_dir="tmp_trainer")
-        self.tp_context: ParallelContext | None = None
-        self.tp_plan = None
-        self._tp_batch_checked = False
-        self._cpu_attention = False
-        active = getattr(args, "parallel_active", False)
-        if active:
-            if model is None:
-                raise ValueError("TPTrainer with tp_size > 1 or zero_stage > 0 needs a model instance: model_init "
-                                 "would build an unsharded model after the plan is made")
-            if kwargs.get("optimizers", (None, None))[0] is not None:
-                raise ValueError("TPTrainer shards the optimizer itself: pass optimizer_cls_and_kwargs=(cls, kwargs) "
-                                 "instead of a built optimizer")
-            context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu,
-                                                       cpu_kernels=args.cpu_kernels)
-            plan = plan_tensor_parallel(model, context.tp_size, user_plan=args.user_tp_plan())
-            self._full_param_count = sum(p.numel() for p in model.parameters())
-            apply_tensor_parallel(model, plan, context)
-            self._cpu_attention = context.kernels.cpu_attention and use_cpu_attention(model)
-            self.tp_context, self.tp_plan = context, plan
-        super().__init__(model, args, *pos, **kwargs)
-        if active and self.args.world_size != self.tp_context.world_size:
-            raise RuntimeError(
-                f"accelerate sees world_size={self.args.world_size} but the launch has {self.tp_context.world_size} "
-                "ranks: every rank would log, save and read data as if alone. Pass --use_cpu on a machine "
-                "without GPUs, or launch with torchrun / accelerate launch --multi_gpu.")
-        if active:
-            TPAccelerator.adopt(self.accelerator, self.tp_context)
-            # Trainer.__init__ bound the world-wide gather before the accelerator knew the mesh
-            self.gather_function = self.accelerator.gather_for_metrics
+def _structure(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes: two models with equal structures take the same plan."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+class TPTrainerMixin:
+    """TP + ZeRO for the ``Trainer`` subclass it is mixed into (first base); see the module docstring."""
+
+    tp_context: ParallelContext | None = None
+    tp_plan: Plan | None = None
+    _tp_batch_checked = False
+    _cpu_attention = False
+    _full_param_count = 0
+    _tp_structure: list | None = None
+
+    def __init__(self, *args, **kwargs):
+        self._tp_check_init_arguments(args, kwargs)
+        super().__init__(*args, **kwargs)
+        if self.tp_active:
             pylogging.getLogger("tp_trainer").setLevel(logging.get_verbosity())
             if self.args.should_log:
                 if logger.isEnabledFor(pylogging.INFO):
@@ -73,6 +73,99 @@ class TPTrainer(Trainer):
                 else:
                     for warning in self.tp_plan.warnings:
                         logger.warning(warning)
+
+    def _tp_check_init_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Refusals that need the constructor's arguments, before any work (``Trainer``'s signature or a subclass's)."""
+        try:  # by name, whatever the subclass's positional order (TRL's DPOTrainer takes ref_model second)
+            bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        if not isinstance(bound.get("args"), TrainingArguments):  # a (*args, **kwargs) signature
+            bound = {**bound, "args": kwargs.get("args")}
+        bound = {**kwargs, **bound}
+        training_args = bound["args"]
+        if training_args is None:
+            return  # the Trainer (or the subclass) builds default arguments: no layout, the plain Trainer
+        if not isinstance(training_args, TPArgumentsMixin):
+            raise TypeError(
+                f"{type(self).__name__} got args of type {type(training_args).__name__}, which has no tp_size / "
+                "zero_stage: pass arguments with TPArgumentsMixin (TPTrainingArguments, tp_trainer.trl's "
+                "TPSFTConfig/TPDPOConfig, or your own @dataclass class X(TPArgumentsMixin, YourArguments))")
+        if not training_args.parallel_active:
+            return
+        if bound.get("model") is None and bound.get("model_init") is not None:
+            raise ValueError(f"{type(self).__name__} with tp_size > 1 or zero_stage > 0 needs a model instance: "
+                             "model_init would build an unsharded model after the plan is made")
+        if (bound.get("optimizers") or (None, None))[0] is not None:
+            raise ValueError(f"{type(self).__name__} shards the optimizer itself: pass "
+                             "optimizer_cls_and_kwargs=(cls, kwargs) instead of a built optimizer")
+
+    # ------------------------------------------------------------------ mesh, plan, shard; the accelerator
+    def create_accelerator_and_postprocess(self) -> None:
+        if getattr(self.args, "parallel_active", False) and self.tp_context is None:
+            self._tp_setup()  # self.model is set, nothing has moved or wrapped it yet
+        super().create_accelerator_and_postprocess()
+        if self.tp_active:
+            self._tp_install_accelerator()
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        self._tp_accelerator_args = accelerator_args  # the TPAccelerator is built from the same arguments
+        return accelerator_args
+
+    def _tp_setup(self) -> None:
+        if self.model is None:
+            raise ValueError(f"{type(self).__name__} with tp_size > 1 or zero_stage > 0 needs a model instance: "
+                             "model_init would build an unsharded model after the plan is made")
+        args = self.args
+        self.tp_context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu,
+                                                           cpu_kernels=args.cpu_kernels)
+        self._full_param_count = sum(p.numel() for p in self.model.parameters())
+        self._tp_structure = _structure(self.model)
+        self.tp_plan = self.tp_shard(self.model)
+
+    def tp_shard(self, model: nn.Module, plan: Plan | None = None) -> Plan:
+        """Shard ``model`` in place with ``plan`` (default: planned for it); returns the plan applied."""
+        ctx = self.tp_context
+        if plan is None:
+            plan = plan_tensor_parallel(model, ctx.tp_size, user_plan=self.args.user_tp_plan())
+        apply_tensor_parallel(model, plan, ctx)
+        model.tp_trainer_plan = plan  # what tp_is_sharded reads
+        cpu_attention = ctx.kernels.cpu_attention and use_cpu_attention(model)
+        if model is self.model:
+            self._cpu_attention = cpu_attention
+        return plan
+
+    @staticmethod
+    def tp_is_sharded(model: nn.Module) -> bool:
+        """Whether ``model`` was sharded already (by :meth:`tp_shard`, or its parameters carry a ``tp_spec``)."""
+        return getattr(model, "tp_trainer_plan", None) is not None or any(hasattr(p, "tp_spec") for p in model.parameters())
+
+    def tp_shard_like_model(self, model: nn.Module) -> Plan:
+        """Shard another model (a reference model) like the trained one: with its plan when both have the same
+        parameters (names and shapes), planned on its own otherwise."""
+        same = self._tp_structure is not None and _structure(model) == self._tp_structure
+        return self.tp_shard(model, self.tp_plan if same else None)
+
+    def tp_prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called by the accelerator's ``prepare_model`` before it prepares ``model``; the model being trained
+        passes unchanged. A subclass that builds models of its own shards them here."""
+        return model
+
+    def _tp_install_accelerator(self) -> None:
+        ctx = self.tp_context
+        accelerator = TPAccelerator(ctx, model_hook=self.tp_prepare_model, **self._tp_accelerator_args)
+        if accelerator.num_processes != ctx.world_size:
+            raise RuntimeError(
+                f"accelerate sees world_size={accelerator.num_processes} but the launch has {ctx.world_size} "
+                "ranks: every rank would log, save and read data as if alone. Pass --use_cpu on a machine "
+                "without GPUs, or launch with torchrun / accelerate launch --multi_gpu.")
+        self.accelerator = accelerator
+        # as Trainer.create_accelerator_and_postprocess binds it, on the dp-only gather
+        self.gather_function = accelerator.gather_for_metrics
+        if "use_gather_object" in inspect.signature(self.gather_function).parameters:
+            self.gather_function = functools.partial(self.gather_function,
+                                                     use_gather_object=self.args.eval_use_gather_object)
 
     def startup_summary(self) -> str:
         ctx, args = self.tp_context, self.args
@@ -101,6 +194,7 @@ class TPTrainer(Trainer):
     def tp_active(self) -> bool:
         return self.tp_context is not None
 
+    # ------------------------------------------------------------------ training
     def get_tp_size(self) -> int:
         return self.tp_context.tp_size if self.tp_active else super().get_tp_size()
 
@@ -187,3 +281,10 @@ class TPTrainer(Trainer):
         ckpt.load_model_weights(reader, self.model)
         ckpt.refresh_master_weights(self.optimizer)  # ZeRO's fp32 masters follow the loaded weights
     # ==================================================================== checkpoints (end)
+
+
+class TPTrainer(TPTrainerMixin, Trainer):
+    """``transformers.Trainer`` with tensor parallelism and ZeRO-1/2 (:class:`TPTrainerMixin`)."""
+
+    def __init__(self, model=None, args: TPTrainingArguments | None = None, *pos, **kwargs):
+        super().__init__(model, TPTrainingArguments(output_dir="tmp_trainer") if args is None else args, *pos, **kwargs)

@@ -1,0 +1,178 @@
+"""Checking the checkpoint against the model, then giving every ``meta`` tensor its values.
+
+:func:`check_sources` runs on the unsharded ``meta`` model, before a byte is allocated: every
+parameter must have a source (one of its names, tied names included, in the checkpoint) of
+the model's shape; the error names the tensor, the keys looked for and the files.
+
+:func:`materialize` runs on the sharded ``meta`` model (after ``apply_tensor_parallel``): a
+parameter carrying ``tp_spec`` (a :class:`~tp_trainer.parallel.sharding.ShardSpec` along dim
+``d`` with segments ``(start, length)``) gets the tensor of its local shape whose segment ``i``
+is ``full[..., start_i : start_i + length_i, ...]`` (along ``d``), followed by zero rows up to
+``local_size`` (vocabulary padding): exactly ``spec.shard(full)``, read one segment at a time
+without the full tensor. Other parameters and the persistent buffers are read whole. Values
+are cast to the dtype ``from_pretrained`` gives the tensor (the model's, or fp32 for
+``_keep_in_fp32_modules``) and placed on the rank's device. Each ``meta`` tensor is replaced in
+place (``torch.utils.swap_tensors``): tied modules keep sharing one object and the attributes
+``apply_tensor_parallel`` set on it (``tp_spec``, ``tp_grad_sum``) stay.
+
+Non-persistent buffers (rotary ``inv_freq``, position ids) and persistent buffers absent from
+the checkpoint are made as ``from_pretrained`` makes them: empty on the device, then the
+model's own ``initialize_weights``, which skips every tensor flagged ``_is_hf_initialized``
+(all the loaded ones) and recomputes the rest.
+
+No communication: each rank reads its own slices. Host memory: the loaded shards plus one
+segment (a Stack or Cat source: plus one of its pieces) in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+from transformers.utils import logging
+
+from .files import LoadError, SafetensorsDir
+from .keys import KeyMap
+from .sources import Source, read_box
+
+logger = logging.get_logger(__name__)
+
+
+def tensor_aliases(model: nn.Module) -> list[tuple[list[str], torch.Tensor, bool]]:
+    """``(names, tensor, is_parameter)`` for every distinct parameter and buffer (tied ones once, all names)."""
+    seen: dict[int, tuple[list[str], torch.Tensor, bool]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for kind, table in ((True, mod._parameters), (False, mod._buffers)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                name = f"{mod_name}.{attr}" if mod_name else attr
+                entry = seen.setdefault(id(t), ([], t, kind))
+                if name not in entry[0]:
+                    entry[0].append(name)
+    return list(seen.values())
+
+
+def persistent_names(model: nn.Module) -> set[str]:
+    """The names a state dict holds (parameters and persistent buffers, tied names included)."""
+    return set(model.state_dict(keep_vars=True))
+
+
+def _source_of(names: list[str], keymap: KeyMap) -> tuple[str, Source] | None:
+    return next(((n, keymap.sources[n]) for n in names if n in keymap.sources), None)
+
+
+def check_sources(model: nn.Module, keymap: KeyMap, files: SafetensorsDir) -> list[str]:
+    """Raise :class:`LoadError` if a parameter has no source or one of another shape; returns the names of the
+    persistent buffers the checkpoint lacks (they are initialised as ``from_pretrained`` does)."""
+    errors, missing_buffers = [], []
+    persistent = persistent_names(model)
+    for names, t, is_param in tensor_aliases(model):
+        found = _source_of(names, keymap)
+        if found is None:
+            if is_param:
+                errors.append(f"{' = '.join(names)} {tuple(t.shape)} is not in the checkpoint (looked for "
+                              f"{_looked_for(names)} in {_file_list(files)})")
+            elif any(n in persistent for n in names):
+                missing_buffers.append(names[0])
+            continue
+        name, src = found
+        if tuple(src.shape) != tuple(t.shape):
+            keys = src.keys()
+            where = sorted({files.where(k) for k in keys})
+            built = (f"checkpoint tensor {keys[0]}" if len(keys) == 1
+                     else f"{len(keys)} checkpoint tensors ({keys[0]}, ...) combine into")
+            errors.append(f"{name}: {built} shape {tuple(src.shape)} in {', '.join(where)}, but this model's "
+                          f"{name} has shape {tuple(t.shape)}")
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise LoadError(f"cannot load {files.path}: " + "; ".join(errors[:5]) + more +
+                        ". The checkpoint does not match this model's config (config.json, or the config "
+                        "overrides passed to from_pretrained)")
+    if missing_buffers:
+        logger.warning(f"{files.path} lacks the buffers {missing_buffers[:5]}: initialised as from_pretrained does")
+    return missing_buffers
+
+
+def _looked_for(names: list[str]) -> str:
+    return " or ".join(repr(n) for n in names)
+
+
+def _file_list(files: SafetensorsDir) -> str:
+    shown = ", ".join(os.path.join(files.path, f) for f in files.files[:3])
+    return shown + (f" and {len(files.files) - 3} more files" if len(files.files) > 3 else "")
+
+
+def target_dtypes(model: nn.Module, dtype_plan: dict) -> dict[str, torch.dtype]:
+    """The dtype ``from_pretrained`` gives each state-dict tensor: a ``_keep_in_fp32_modules`` match
+    (``dtype_plan``, matched as transformers matches it) or the dtype it was built with."""
+    out = {name: t.dtype for name, t in model.state_dict(keep_vars=True).items()}
+    if dtype_plan:
+        from transformers.core_model_loading import build_glob_alternation
+
+        alternation, by_group, _ = build_glob_alternation(list(dtype_plan))
+        for name in out:
+            hit = alternation.search(name)
+            if hit is not None:
+                out[name] = dtype_plan[by_group[hit.lastgroup]]
+    return out
+
+
+def read_local(files: SafetensorsDir, src: Source, spec, full_shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """``spec.shard(full)`` (``full`` itself when ``spec`` is None), cast to ``dtype`` on ``device``, reading
+    only the rank's segments."""
+    whole = tuple((0, n) for n in full_shape)
+    if spec is None:
+        return read_box(files, src, whole).to(device=device, dtype=dtype)
+    out = torch.empty(spec.local_shape, dtype=dtype, device=device)
+    offset = 0
+    for start, length in spec.local_segments:
+        box = whole[:spec.dim] + ((start, start + length),) + whole[spec.dim + 1:]
+        out.narrow(spec.dim, offset, length).copy_(read_box(files, src, box))
+        offset += length
+    if offset < spec.local_size:  # vocabulary padding: zero rows, as ShardSpec.shard pads
+        out.narrow(spec.dim, offset, spec.local_size - offset).zero_()
+    return out
+
+
+def _swap_in(old: torch.Tensor, value: torch.Tensor) -> None:
+    """Make the ``meta`` tensor ``old`` hold ``value`` (same object: ties, hooks and attributes survive)."""
+    attrs = dict(old.__dict__)
+    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    torch.utils.swap_tensors(old, new)
+    old.__dict__.update(attrs)  # swap_tensors swaps the attribute dicts too: give old its own back
+    old._is_hf_initialized = True
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, device: torch.device,
+                dtypes: dict[str, torch.dtype]) -> dict[str, int]:
+    """Give every ``meta`` parameter and buffer of the sharded ``model`` its values (module docstring); returns
+    byte counts: ``local`` (what this rank holds), ``read`` (what it read from the files)."""
+    persistent = persistent_names(model)
+    counts = defaultdict(int)
+    to_init = []
+    for names, t, is_param in tensor_aliases(model):
+        if not t.is_meta:
+            continue
+        found = _source_of(names, keymap) if (is_param or any(n in persistent for n in names)) else None
+        if found is None:  # non-persistent or absent buffer: empty now, initialize_weights computes it
+            torch.utils.swap_tensors(t, torch.empty_like(t, device=device))
+            to_init.append(names[0])
+            continue
+        name, src = found
+        spec = getattr(t, "tp_spec", None)
+        full_shape = tuple(spec.full_shape) if spec is not None else tuple(t.shape)
+        value = read_local(files, src, spec, full_shape, dtypes.get(name, t.dtype), device)
+        counts["local"] += value.numel() * value.element_size()
+        _swap_in(t, value)
+    if to_init:
+        model.initialize_weights()  # skips every tensor flagged _is_hf_initialized: only these are computed
+        logger.debug(f"computed by the model's initialize_weights, as from_pretrained does: {to_init}")
+    still_meta = [names[0] for names, t, _ in tensor_aliases(model) if t.is_meta]
+    if still_meta:
+        raise LoadError(f"{still_meta[:5]} are still on the meta device after loading {files.path}")
+    return dict(counts)

@@ -1,0 +1,107 @@
+"""``from_pretrained(path, tp_size=N)``: a tensor-parallel model whose ranks read only their own shards.
+
+In order, on every rank (no rank waits for another, nothing is communicated):
+
+1. read the safetensors headers (:mod:`.files`) and build the model on ``meta`` as
+   ``from_pretrained`` builds it (:mod:`.build`);
+2. map checkpoint keys to model tensors with transformers' renaming and conversion rules
+   (:mod:`.keys`) and check every parameter's source and shape (:func:`.materialize.check_sources`):
+   a mismatch is an error here, before anything is allocated;
+3. plan (``plan_tensor_parallel``, on the meta model) and shard (``apply_tensor_parallel``, on meta:
+   every sharded parameter gets its ``tp_spec``);
+4. read each tensor's slices into the rank's device (:func:`.materialize.materialize`), then
+   recompute the non-persistent buffers as ``from_pretrained`` does.
+
+The result equals ``AutoModelForCausalLM.from_pretrained(path)`` followed by
+``apply_tensor_parallel(model, plan_tensor_parallel(model, N), context)``, tensor for tensor,
+bit for bit. Per rank the weights cost their shards (replicated tensors in full) plus one
+tensor segment in flight, instead of the whole model first.
+
+The model carries a :class:`ShardedState` (``model.tp_sharded_state``): the plan, the context
+and the unsharded parameter count; :func:`sharded_state` returns it, and ``TPTrainer`` given
+such a model skips planning and sharding.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch.nn as nn
+from transformers.utils import logging
+
+from ..parallel.context import ParallelContext
+from ..planner import Plan, apply_tensor_parallel, plan_tensor_parallel
+from .build import build_meta_model, check_directory
+from .files import LoadError, SafetensorsDir
+from .keys import map_sources
+from .materialize import check_sources, materialize, target_dtypes
+
+logger = logging.get_logger(__name__)
+
+MARKER = "tp_sharded_state"
+
+
+class ShardedState(NamedTuple):
+    plan: Plan
+    context: ParallelContext
+    full_parameters: int  # parameters of the unsharded model (tied ones once)
+
+
+def from_pretrained(name_or_path, tp_size: int | None = None, *, context: ParallelContext | None = None,
+                    user_plan: dict[str, str] | None = None, model_class=None, key_mapping: dict | None = None,
+                    use_cpu: bool = False, cpu_kernels: str = "auto", **kwargs) -> nn.Module:
+    """The model in directory ``name_or_path``, tensor-parallel over ``tp_size`` ranks, each rank reading its shards.
+
+    ``context``: the :class:`ParallelContext` to shard on (default: ``ParallelContext.from_environment(tp_size,
+    use_cpu=..., cpu_kernels=...)``, as ``TPTrainer`` builds it); ``user_plan``: overrides of the plan, as
+    ``--tp_plan``; ``model_class``: an auto class (default ``AutoModelForCausalLM``) or a model class;
+    ``key_mapping`` and ``**kwargs``: as for transformers' ``from_pretrained`` (``dtype``, ``attn_implementation``,
+    ``trust_remote_code``, config overrides; options that place or fetch weights otherwise are refused).
+    """
+    if context is None:
+        if tp_size is None:
+            raise LoadError("tp_trainer.from_pretrained needs tp_size= (or context=)")
+        context = ParallelContext.from_environment(tp_size, use_cpu=use_cpu, cpu_kernels=cpu_kernels)
+    elif tp_size is not None and tp_size != context.tp_size:
+        raise LoadError(f"tp_size={tp_size} but context has tp_size={context.tp_size}: pass one of them")
+    start = time.perf_counter()
+    path = check_directory(name_or_path)
+    files = SafetensorsDir(path)
+    model, dtype = build_meta_model(path, files, kwargs, model_class=model_class)
+    keymap = map_sources(model, files, key_mapping=key_mapping)
+    check_sources(model, keymap, files)
+    dtypes = target_dtypes(model, model._get_dtype_plan(dtype))
+    full_parameters = sum(p.numel() for p in model.parameters())
+    plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
+    apply_tensor_parallel(model, plan, context)
+    try:
+        counts = materialize(model, keymap, files, device=context.device, dtypes=dtypes)
+    finally:
+        files.close()
+    if keymap.unexpected:
+        logger.warning(f"{path}: checkpoint tensors this model does not use: {keymap.unexpected[:8]}"
+                       + (f" (and {len(keymap.unexpected) - 8} more)" if len(keymap.unexpected) > 8 else ""))
+    model._weight_conversions = keymap.conversions  # as from_pretrained: save_pretrained writes this layout back
+    if hasattr(model, "adjust_generation_fn"):  # generation_config.json, as from_pretrained reads it
+        model.adjust_generation_fn(generation_config=None, from_auto_class=True, from_pipeline=None,
+                                   pretrained_model_name_or_path=path, cache_dir=None, force_download=False,
+                                   proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
+                                   trust_remote_code=kwargs.get("trust_remote_code"))
+    model.eval()  # as from_pretrained returns it
+    setattr(model, MARKER, ShardedState(plan, context, full_parameters))
+    logger.info(f"tp_trainer: {path} loaded shard-only on rank {context.rank} (tp_rank {context.tp_rank} of "
+                f"{context.tp_size}): {counts.get('local', 0) / 2**20:.1f} MiB of weights in "
+                f"{time.perf_counter() - start:.1f} s")
+    return model
+
+
+def sharded_state(model: nn.Module, *, tp_size: int | None = None) -> ShardedState | None:
+    """The :class:`ShardedState` of a model built by :func:`from_pretrained`; None for any other model.
+
+    With ``tp_size``: a model sharded for another tp size is an error naming both."""
+    state = getattr(model, MARKER, None)
+    if state is not None and tp_size is not None and state.context.tp_size != tp_size:
+        raise LoadError(f"the model was loaded by tp_trainer.from_pretrained for tp_size={state.context.tp_size}, "
+                        f"but tp_size={tp_size} was asked for: load it with tp_size={tp_size}")
+    return state

@@ -7,6 +7,7 @@ computed locally, bit for bit. No tolerance is needed anywhere.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -164,3 +165,156 @@ def test_the_segment_is_created_exclusively_and_owner_only(tmp_path):
         assert not target.exists()
     finally:
         os.umask(old_umask)
+
+
+# ------------------------------------------------------------------------------ bounded waits, named peers
+def stopped_peer_suite(timeout_s: float):
+    """Rank 1 stops itself (SIGSTOP) before an op; rank 0 must fail within the group's timeout naming it,
+    then lets it continue (SIGCONT), and the op rank 0 published completes on rank 1."""
+    import signal
+    import time
+
+    from tp_trainer.parallel.collectives import PeerFailure, bound_waits, group_timeout_s
+
+    group = dist.group.WORLD
+    reducer = maybe_transport(group)
+    bound_waits(timeout_s, group)  # after the setup: the transport reads the group's timeout when it waits
+    x = torch.full((1000,), float(dist.get_rank() + 1))
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return {"sum": reducer(x).tolist()[:1]}
+    start = time.monotonic()
+    try:
+        reducer(x)
+    except PeerFailure as err:
+        out = {"error": str(err), "elapsed": time.monotonic() - start, "timeout": group_timeout_s(group)}
+    else:
+        out = {"error": None}
+    os.kill(reducer.peers[1][0], signal.SIGCONT)
+    return out
+
+
+def maybe_transport(group):
+    from tp_trainer.parallel.shm import maybe_shared_memory_all_reduce
+
+    reducer = maybe_shared_memory_all_reduce(group, "gloo", slot_bytes=4096)
+    assert reducer is not None and reducer.peers is not None
+    return reducer
+
+
+def test_a_stopped_peer_fails_the_wait_within_the_group_timeout_naming_it():
+    timeout = 3.0
+    rank0, rank1 = run_distributed(stopped_peer_suite, 2, timeout)
+    assert rank0["error"] is not None, "the wait must end"
+    assert rank0["timeout"] == timeout  # the transport's bound is the process group's timeout
+    # bounded: not before the timeout, and at most one liveness period (1 s) plus scheduling noise after it
+    assert timeout <= rank0["elapsed"] < timeout + 5, rank0
+    err = rank0["error"]
+    assert "all_reduce" in err and "rank 1 (pid" in err and "stopped" in err and "--ddp_timeout" in err, err
+    assert rank1["sum"] == [3.0]  # resumed, it finds rank 0's published op and completes it
+
+
+def killed_peer_suite(report: str):
+    """Rank 1 is killed (SIGKILL) before an op; rank 0 must notice within about a second, long before the
+    (default, 30-minute) timeout, and name it."""
+    import json
+    import signal
+    import time
+
+    from tp_trainer.parallel.collectives import PeerFailure
+
+    reducer = maybe_transport(dist.group.WORLD)
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        reducer(torch.ones(10))
+        error = None
+    except PeerFailure as err:
+        error = str(err)
+    with open(report, "w") as f:
+        json.dump({"error": error, "elapsed": time.monotonic() - start}, f)
+
+
+def test_a_killed_peer_fails_the_wait_at_once_naming_it(tmp_path):
+    import json
+
+    report = str(tmp_path / "rank0.json")
+    with pytest.raises(AssertionError, match="rank 1: exited with code -9"):
+        run_distributed(killed_peer_suite, 2, report)
+    rank0 = json.loads(open(report).read())
+    assert rank0["error"] is not None and "rank 1 (pid" in rank0["error"] and "has exited" in rank0["error"]
+    assert rank0["elapsed"] < 10, rank0  # one liveness check (1 s) after the kill, not the 1800 s timeout
+
+
+def backend_failure_suite(timeout_s: float):
+    """The backend path (gloo): a stopped peer's timeout and a subgroup's timeout are --ddp_timeout's, and the
+    failure names the operation, the peer and the timeout."""
+    import signal
+    import time
+
+    from tp_trainer.parallel import collectives
+
+    world = dist.group.WORLD
+    sub = dist.new_group([0, 1])  # subgroups start with torch's 30-minute default
+    before = collectives.group_timeout_s(sub)
+    collectives.bound_waits(timeout_s, world, sub, None, sub)
+    out = {"before": before, "after": [collectives.group_timeout_s(world), collectives.group_timeout_s(sub)]}
+    pid = [None, None]
+    dist.all_gather_object(pid, os.getpid())
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return out
+    start = time.monotonic()
+    try:
+        collectives.all_reduce(torch.ones(4), sub)
+    except collectives.PeerFailure as err:
+        out.update(error=str(err), elapsed=time.monotonic() - start)
+    os.kill(pid[1], signal.SIGCONT)
+    try:
+        collectives.bound_waits(0, world)
+    except ValueError as err:
+        out["zero"] = str(err)
+    return out
+
+
+def test_backend_collectives_take_the_timeout_and_name_the_peer():
+    timeout = 3.0
+    rank0, rank1 = run_distributed(backend_failure_suite, 2, timeout)
+    assert rank0["before"] == 1800.0 and rank0["after"] == [timeout, timeout] == rank1["after"]
+    assert timeout <= rank0["elapsed"] < timeout + 5, rank0
+    err = rank0["error"]
+    assert "all_reduce over ranks [0, 1] failed on rank 0" in err and "rank 1 died, stopped" in err, err
+    assert "timeout of 3 s" in err and "--ddp_timeout" in err
+    assert "0.0 s" in rank0["zero"] and "--ddp_timeout" in rank0["zero"]
+
+
+def test_peer_states_from_proc():
+    import signal
+    import subprocess
+    import sys
+
+    from tp_trainer.parallel.shm import peer_state, process_identity
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = process_identity(child.pid)
+        assert peer_state(*me) == "running"
+        os.kill(child.pid, signal.SIGSTOP)
+        assert _eventually(lambda: peer_state(*me) == "stopped")  # signals are delivered asynchronously
+        assert peer_state(me[0], me[1] + 1) == "exited"  # same pid, another start time: a reused pid
+    finally:
+        child.kill()
+    assert _eventually(lambda: peer_state(*me) == "exited")  # a zombie until reaped
+    child.wait()
+    assert peer_state(*me) == "exited"
+    assert peer_state(me[0], None) == "unknown"
+
+
+def _eventually(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

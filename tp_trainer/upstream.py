@@ -263,6 +263,15 @@ INTERNALS: tuple[Internal, ...] = (
              "tp_trainer/parallel/collectives.py", "looked up by name (torch 2.13), else all_gather_into_tensor"),
     Internal("torch.distributed:reduce_scatter_single", "call", ("output", "input", "op", "group"),
              "tp_trainer/parallel/collectives.py", "looked up by name (torch 2.13), else reduce_scatter_tensor"),
+    Internal("torch.distributed.distributed_c10d:_set_pg_timeout", "call", ("timeout", "group"),
+             "tp_trainer/parallel/collectives.py",
+             "collectives.bound_waits: --ddp_timeout on the world, TP and DP groups (accelerate's CPU path and "
+             "the device mesh's subgroups keep torch's 30-minute default otherwise)"),
+    Internal("torch.distributed:ProcessGroup._get_backend", "call", ("device",), "tp_trainer/parallel/collectives.py",
+             "collectives.group_timeout_s reads a group's timeout from its backend's options"),
+    Internal("torch.distributed:ProcessGroupGloo.Options._timeout", "attribute", None,
+             "tp_trainer/parallel/collectives.py",
+             "the group's timeout, which bounds the shared-memory transport's waits as it bounds gloo's"),
     Internal("torch.utils._python_dispatch:TorchDispatchMode.__torch_dispatch__", "override",
              ("func", "types", "args", "kwargs"), f"{TRACE}; {BENCH}; {DATAFLOW}",
              "LiveTensorBytes follows every storage an op creates; the benchmark counts collective bytes; the "

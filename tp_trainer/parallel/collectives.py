@@ -19,6 +19,14 @@ Operations, each writing a new tensor unless said otherwise (``[n, ...]`` on eac
                             ``all_gather_single``/``reduce_scatter_single`` (the old names warn)
 ==========================  ============================================================
 
+**Timeouts.** Every wait is bounded by its group's timeout, the one ``torch.distributed`` gives the
+group (``--ddp_timeout`` once :func:`bound_waits` has set it on the world, TP and DP groups:
+accelerate's CPU path and the device mesh's subgroups otherwise keep torch's 30-minute default).
+The shared-memory transport reads the same value (:func:`group_timeout_s`). A collective that
+fails on the backend because a peer died (connection closed) or did not arrive in time is
+re-raised as :class:`PeerFailure`, naming the operation, the group's global ranks and the peer
+where the group has one other rank; the transport's own failures name the peer rank and its state.
+
 Under ``torch.compile`` the out-of-place ones (what the mappings call in forward and backward)
 dispatch to the custom operators of ``compiled_ops.py``, which take the :class:`TPComm` itself as
 an opaque object; eager calls skip the operator dispatch. Profiler traces name them
@@ -27,6 +35,9 @@ an opaque object; eager calls skip the operator dispatch. Profiler traces name t
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch._opaque_base import OpaqueBase
@@ -34,6 +45,94 @@ from torch.profiler import record_function
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+DEFAULT_TIMEOUT_S = 1800.0  # torch's default for gloo groups (and ddp_timeout's default)
+# how the backends word a peer that is gone or late (gloo: "Timed out waiting 30000ms for recv operation",
+# "Connection closed by peer"; NCCL: "Watchdog caught collective operation timeout")
+_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+class PeerFailure(RuntimeError):
+    """A collective could not complete because a peer rank died, stopped or never arrived; the message
+    names the operation, the ranks and the timeout, and what to do."""
+
+
+# ----------------------------------------------------------------------------------------- timeouts
+def group_timeout_s(group) -> float:
+    """The timeout ``torch.distributed`` applies to ``group``'s collectives, in seconds (a :class:`TPComm`:
+    its process group's). A group without one (the estimator's simulated group) has torch's default."""
+    group = group.group if isinstance(group, TPComm) else group
+    try:
+        backend = group._get_backend(torch.device("cpu" if _backend_name(group) == "gloo" else "cuda"))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError, ValueError):
+        return DEFAULT_TIMEOUT_S
+
+
+def _backend_name(group) -> str | None:
+    try:
+        return dist.get_backend(group)
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def bound_waits(timeout, *groups) -> None:
+    """Set ``timeout`` (seconds or a ``timedelta``; ``--ddp_timeout``) on each process group in ``groups``
+    (``None`` entries and repeats skipped; collective-free). torch gives the world group the timeout
+    ``init_process_group`` was called with (transformers passes none on the CPU) and every subgroup its
+    30-minute default; after this a rank that died or stopped fails its peers' collectives, and the
+    shared-memory transport's waits, within ``timeout``."""
+    delta = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+    if delta.total_seconds() <= 0:
+        raise ValueError(f"a collective timeout must be positive, got {delta.total_seconds()} s (set --ddp_timeout "
+                         "to the longest a rank may wait for the others, in seconds)")
+    seen = set()
+    for group in groups:
+        group = group.group if isinstance(group, TPComm) else group
+        if group is None or id(group) in seen or not isinstance(group, dist.ProcessGroup):
+            continue
+        seen.add(id(group))
+        dist.distributed_c10d._set_pg_timeout(delta, group)
+
+
+def global_ranks(group) -> list[int]:
+    """The global ranks of ``group`` (a :class:`TPComm` or a process group) in group-rank order."""
+    group = group.group if isinstance(group, TPComm) else group
+    try:
+        return dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, AttributeError):
+        return list(range(group.size()))
+
+
+class naming_failures:  # noqa: N801 (used as a context manager, like contextlib's lower-case ones)
+    """``with naming_failures("all_reduce", group): ...`` re-raises a backend failure caused by a missing peer
+    as :class:`PeerFailure` naming the operation, the group's global ranks, the peer (when the group has
+    just one other rank) and the timeout. A class, not a generator: it wraps every backend collective."""
+
+    __slots__ = ("operation", "group", "start")
+
+    def __init__(self, operation: str, group):
+        self.operation, self.group = operation, group
+
+    def __enter__(self):
+        self.start = time.monotonic()
+
+    def __exit__(self, kind, err, tb):
+        if (kind is None or not issubclass(kind, RuntimeError) or isinstance(err, PeerFailure)
+                or not any(s in str(err).lower() for s in _PEER_FAILURES)):
+            return False
+        raise PeerFailure(describe_failure(self.operation, self.group, time.monotonic() - self.start,
+                                           str(err))) from err
+
+
+def describe_failure(operation: str, group, waited_s: float, cause: str) -> str:
+    ranks = global_ranks(group)
+    me = dist.get_rank() if dist.is_initialized() else 0
+    others = [r for r in ranks if r != me]
+    peer = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+    return (f"{operation} over ranks {ranks} failed on rank {me} after {waited_s:.1f} s: {peer} died, stopped or "
+            f"did not reach it within the group's timeout of {group_timeout_s(group):.0f} s ({cause.strip()}). "
+            "Look at that rank's log for its own error; a rank that is legitimately slower (a long save or "
+            "evaluation) needs a larger --ddp_timeout.")
 
 
 class TPComm(OpaqueBase):
@@ -79,7 +178,8 @@ class TPComm(OpaqueBase):
             if self.transport is not None:
                 return self.transport(tensor, dist.ReduceOp.SUM, out=torch.empty_like(tensor))
             out = tensor.clone()
-            dist.all_reduce(out, group=self.group)
+            with naming_failures("all_reduce", self.group):
+                dist.all_reduce(out, group=self.group)
             return out
 
     def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -89,7 +189,8 @@ class TPComm(OpaqueBase):
                 return self.transport.all_gather(tensor)
             tensor = tensor.contiguous()
             out = tensor.new_empty((self.size() * tensor.shape[0], *tensor.shape[1:]))
-            _all_gather(out, tensor, group=self.group)
+            with naming_failures("all_gather", self.group):
+                _all_gather(out, tensor, group=self.group)
             return out
 
     def reduce_scatter_rows(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -104,7 +205,8 @@ class TPComm(OpaqueBase):
                 full = self.transport(tensor, dist.ReduceOp.SUM, out=torch.empty_like(tensor))
                 return full.chunk(size)[self.rank()].clone()
             out = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
-            _reduce_scatter(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
+            with naming_failures("reduce_scatter", self.group):
+                _reduce_scatter(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
             return out
 
 
@@ -119,7 +221,8 @@ def all_reduce(tensor: torch.Tensor, group, *, op=dist.ReduceOp.SUM) -> torch.Te
     with record_function("tp_trainer::all_reduce"):
         if comm.transport is not None:
             return comm.transport(tensor, op)
-        dist.all_reduce(tensor, op=op, group=comm.group)
+        with naming_failures("all_reduce", comm.group):
+            dist.all_reduce(tensor, op=op, group=comm.group)
         return tensor
 
 
@@ -147,12 +250,14 @@ def reduce_scatter_rows(tensor: torch.Tensor, group) -> torch.Tensor:
 
 def all_gather_flat(output, tensor, group) -> None:
     """``output = cat([tensor of rank 0, tensor of rank 1, ...], dim=0)`` over ``group`` (a process group)."""
-    _all_gather(output, tensor, group=group)
+    with naming_failures("all_gather", group):
+        _all_gather(output, tensor, group=group)
 
 
 def reduce_scatter_flat(output, tensor, group, *, op=dist.ReduceOp.SUM) -> None:
     """``output = op over ranks of tensor.chunk(size)[rank]`` over ``group`` (a process group)."""
-    _reduce_scatter(output, tensor, op=op, group=group)
+    with naming_failures("reduce_scatter", group):
+        _reduce_scatter(output, tensor, op=op, group=group)
 
 
 def free_now(*tensors: torch.Tensor) -> None:

@@ -25,6 +25,14 @@ second barrier: a rank writes ``data[s]`` again at op ``k + 2`` only after seein
 flag at ``k + 1``, and a rank publishes ``k + 1`` only after it finished reading op ``k``.
 Tensors larger than ``S`` go through in chunks, one op each.
 
+Waiting is bounded: a rank that waits for a slot longer than the process group's timeout
+(``collectives.group_timeout_s``: ``--ddp_timeout`` once the context set it) raises
+:class:`~tp_trainer.parallel.collectives.PeerFailure` naming the operation and the late peers'
+global ranks, pids and states (running, stopped). Every rank records its pid and process start
+time at setup; while it waits, a rank looks at its late peers in ``/proc`` about once a second and
+fails at once when one has exited (a killed rank never publishes again, and the elastic agent only
+replaces the world once every rank has exited).
+
 Memory ordering: the data is written before the flag by the same thread; x86-64 (TSO) keeps
 stores in order and loads in order, and glibc's non-temporal memcpy ends with ``sfence``.
 Weaker memory models (ARM, POWER) are not given this path.
@@ -41,8 +49,11 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from .collectives import PeerFailure, group_timeout_s
+
 _FLAG_STRIDE = 8  # int64 entries per flag: one 64-byte cache line each, no false sharing
 _SUPPORTED_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
+_CHECK_EVERY_S = 1.0  # how often a waiting rank looks at its late peers (dead: fail now) and at the clock
 
 
 class SharedMemoryTransport:
@@ -53,12 +64,15 @@ class SharedMemoryTransport:
     holds the mapping, so nothing is left behind even if a process is killed.
     """
 
-    def __init__(self, group, path: str, *, slot_bytes: int, timeout_s: float = 1800.0):
+    def __init__(self, group, path: str, *, slot_bytes: int, peers: list[tuple[int, int | None]] | None = None,
+                 timeout_s: float | None = None):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.global_ranks = dist.get_process_group_ranks(group)
         self.slot_bytes = slot_bytes
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # None: the group's own timeout, read when a wait gets long
+        self.peers = peers  # (pid, start time) of every group rank, from the setup; None: unknown
         self.path = path  # unlinked by rank 0 right after every rank mapped it
         flag_bytes = _flag_bytes(self.size)
         buf = torch.from_file(path, shared=True, size=_total_bytes(self.size, slot_bytes), dtype=torch.uint8)
@@ -66,6 +80,7 @@ class SharedMemoryTransport:
         self._flags = buf[:flag_bytes].view(torch.int64).numpy()[::_FLAG_STRIDE]
         self._data = buf[flag_bytes:].view(2, self.size, slot_bytes)
         self._seq = 0
+        self._operation = "all_reduce"  # what the current wait is for (named if it fails)
         # {"all_reduce" | "all_gather": [calls, bytes of the full tensor]} served (for benchmarks)
         self.stats = {"all_reduce": [0, 0], "all_gather": [0, 0]}
         self.wait_s = 0.0  # seconds spent waiting for the other ranks' slots, cumulative (for benchmarks)
@@ -80,6 +95,7 @@ class SharedMemoryTransport:
             raise ValueError("shared-memory all-reduce needs a contiguous CPU tensor")
         out = tensor if out is None else out
         self._count("all_reduce", tensor)
+        self._operation = "all_reduce"
         flat, flat_out = tensor.view(-1), out.view(-1)
         per_chunk = self.slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), per_chunk):
@@ -98,6 +114,7 @@ class SharedMemoryTransport:
         out = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
         parts = out.view(self.size, -1)
         self._count("all_gather", out)
+        self._operation = "all_gather"
         per_chunk = self.slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), per_chunk):
             chunk = flat[start:start + per_chunk]
@@ -135,21 +152,67 @@ class SharedMemoryTransport:
 
     def _spin(self, seq: int) -> None:
         flags = self._flags
-        spins, start = 0, None
+        spins, start = 0, time.monotonic()
+        next_check = start + _CHECK_EVERY_S
         while flags.min() < seq:
             spins += 1
             if spins < 64:
                 continue  # the peer is usually microseconds behind
             time.sleep(0)  # yield the core: on a busy host the peer may need it
-            if spins % 4096 == 0:
-                start = start or time.monotonic()
-                if time.monotonic() - start > self.timeout_s:
-                    late = [j for j in range(self.size) if flags[j] < seq]
-                    raise RuntimeError(
-                        f"shared-memory all-reduce op {seq}: group ranks {late} did not arrive within "
-                        f"{self.timeout_s:.0f} s (a peer died or the ranks issued different collectives). "
-                        f"Pass --cpu_kernels off (or set TP_TRAINER_SHM_ALLREDUCE=0) to use the process group's "
-                        f"backend instead.")
+            if spins % 256 == 0 and time.monotonic() >= next_check:
+                next_check = time.monotonic() + _CHECK_EVERY_S
+                self._check_late_peers(seq, time.monotonic() - start)
+
+    def _check_late_peers(self, seq: int, waited_s: float) -> None:
+        """Raise :class:`PeerFailure` if a late peer has exited, or once ``waited_s`` exceeds the timeout."""
+        late = [j for j in range(self.size) if self._flags[j] < seq]
+        states = {j: peer_state(*self.peers[j]) if self.peers else "unknown" for j in late}
+        dead = [j for j in late if states[j] == "exited"]
+        timeout = self.timeout_s if self.timeout_s is not None else group_timeout_s(self.group)
+        if not dead and waited_s <= timeout:
+            return
+        who = "; ".join(f"rank {self.global_ranks[j]}" + (f" (pid {self.peers[j][0]})" if self.peers else "")
+                        + f" {_STATE_WORDS[states[j]]}" for j in (dead or late))
+        when = "" if dead else f" within {timeout:.0f} s (the process group's timeout, --ddp_timeout)"
+        raise PeerFailure(
+            f"shared-memory {self._operation} (op {seq}) over ranks {self.global_ranks} on rank "
+            f"{self.global_ranks[self.rank]}: waited {waited_s:.1f} s for {who}{when}. "
+            + ("Its own log says why it exited; torchrun's --max-restarts (tp-trainer train: max_restarts) restarts "
+               "the world from the last checkpoint." if dead else
+               "A stopped rank (SIGSTOP, a debugger) or a hung one never arrives; a rank that is legitimately slower "
+               "needs a larger --ddp_timeout; ranks that issued different collectives are a bug. --cpu_kernels off "
+               "(or TP_TRAINER_SHM_ALLREDUCE=0) uses the backend's collectives instead."))
+
+
+_STATE_WORDS = {"exited": "has exited", "stopped": "is stopped (SIGSTOP or a debugger) and has not arrived",
+                "running": "is running but has not arrived", "unknown": "has not arrived"}
+
+
+def process_identity(pid: int | None = None) -> tuple[int, int | None]:
+    """``(pid, start time in clock ticks since boot)`` of a process; the start time tells a reused pid apart."""
+    pid = os.getpid() if pid is None else pid
+    return pid, _proc_stat(pid)[1]
+
+
+def _proc_stat(pid: int) -> tuple[str | None, int | None]:
+    """(state letter, start time) from ``/proc/PID/stat``; ``(None, None)`` when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None, None
+    return fields[0], int(fields[19])  # field 3 (state) and field 22 (starttime) of proc(5)
+
+
+def peer_state(pid: int, start: int | None) -> str:
+    """``"exited"`` (gone, a zombie, or its pid reused), ``"stopped"``, ``"running"``, or ``"unknown"``
+    (no ``/proc`` record of it at setup)."""
+    if start is None:
+        return "unknown"
+    state, now_start = _proc_stat(pid)
+    if state is None or state in "ZXx" or now_start != start:
+        return "exited"
+    return "stopped" if state in "Tt" else "running"
 
 
 def _combine(slots: torch.Tensor, op, out: torch.Tensor) -> None:
@@ -224,8 +287,13 @@ def maybe_shared_memory_all_reduce(group, backend: str, *, wanted: bool = True,
             visible = f.read(len(token)).decode() == token and socket.gethostname() == host
     except OSError:
         visible = False
-    dist.all_gather_object(votes, visible, group=group)
-    reducer = SharedMemoryTransport(group, path, slot_bytes=slot_bytes) if all(votes) else None
+    dist.all_gather_object(votes, (visible, process_identity()), group=group)
+    # same host, same /dev/shm: the pids name the peers (checked: a pid namespace of its own shows another start time)
+    peers = [identity for _, identity in votes]
+    if any(peer_state(*identity) != "running" for identity in peers):
+        peers = None
+    reducer = SharedMemoryTransport(group, path, slot_bytes=slot_bytes, peers=peers) if all(v for v, _ in votes) \
+        else None
     dist.barrier(group=group)  # everyone has mapped the file (or given up)
     if rank == 0:
         os.unlink(path)  # mappings stay valid; no file outlives the processes

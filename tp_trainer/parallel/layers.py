@@ -66,7 +66,12 @@ class ColumnParallelLinear(nn.Module):
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x) W_local^T + b_local``: this rank's output columns. ``f`` is skipped where no input
-        gradient is wanted (``no_grad``, an input that does not require it): it would only communicate."""
+        gradient is wanted (``no_grad``, an input that does not require it): it would only communicate.
+        An input all-gathered along the sequence (``sequence.py``) brings its own linear: it keeps only this
+        rank's chunk for backward, and the gather's reduce-scatter takes the place of ``f``."""
+        gathered = getattr(x, "_tp_sequence_gathered", None)
+        if gathered is not None:
+            return gathered.linear(x, self.weight, self.bias, transposed=self.transposed)
         if self.copy_input and torch.is_grad_enabled() and x.requires_grad:
             x = copy_to_tp_region_once(x, self.tp_group)
         if self.transposed:
@@ -100,16 +105,29 @@ class RowParallelLinear(nn.Module):
         bias = getattr(module, "bias", None)
         return cls(w, bias, tp_group, transposed=transposed, full_in_features=weight.shape[in_dim], **kwargs)
 
+    # False: forward returns the partial product; the owner adds its own partial (a LoRA adapter,
+    # parallel/lora.py) and calls reduce() once for both.
+    reduce_output = True
+    # A sequence.SequenceParallel: g becomes a reduce-scatter along the sequence (sequence parallelism).
+    sequence_parallel = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_input:
             x = scatter_to_tp_region(x, self.tp_group)
         y = x @ self.weight if self.transposed else F.linear(x, self.weight)
-        y = reduce_from_tp_region(y, self.tp_group)
+        return self.reduce(y) if self.reduce_output else y
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """``g(partial) + b``: the sum over the TP ranks of their partial products, the bias added once; under
+        sequence parallelism this rank's tokens of the sum (its bias gradient is then a partial sum)."""
+        sp = self.sequence_parallel
+        y = reduce_from_tp_region(partial, self.tp_group) if sp is None else sp.reduce_scatter(partial)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features} (local {self.weight.tp_spec.local_size}), out={self.out_features}, "
-                f"bias={self.bias is not None}, split_input={self.split_input}")
+                f"bias={self.bias is not None}, split_input={self.split_input}"
+                + ("" if self.reduce_output else ", reduced by its owner"))
 
 
 def _zero_rows_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,13 @@ from ..parallel.context import ParallelContext
 from ..parallel.cross_entropy import install_vocab_parallel_loss
 from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                sharded_parameter)
+from ..parallel.lora import peft_base_model
 from ..parallel.norms import is_per_token_norm, split_norm_over_tokens
 from ..parallel.rmsnorm import fuse_rms_norm
 from ..parallel.sharding import block_spec, contiguous_spec
 from .experts import shard_fused_experts
-from .plan import Plan, PlanEntry, Style
+from .lora import adapt_lora_layers, shard_adapter
+from .plan import ADAPTER_STYLES, Plan, PlanEntry, Style
 from .ties import TiedShards
 
 logger = logging.get_logger(__name__)
@@ -77,8 +79,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model
     group = context.tp_comm
-    emb_in = model.get_input_embeddings()
-    emb_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    root = peft_base_model(model)[1]  # a PEFT model's inner HF model holds the embeddings and calls the loss
+    emb_in = root.get_input_embeddings()
+    emb_out = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
     new_embedding = None
     lm_head = None
     ties = TiedShards()  # tied parameters (embeddings, an MLM head's bias) keep one shard object
@@ -119,14 +122,18 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             for p in mod.parameters(recurse=False):
                 p.tp_grad_sum = True
             continue
+        elif style in ADAPTER_STYLES:  # LoRA A/B sliced like their base layer (planner/lora.py)
+            shard_adapter(mod, entry, _spec_factory(entry, context))
+            continue
         else:
             continue
         ties.adopt(mod, new)
         _set_module(model, name, new)
     ties.repoint(model)
+    adapt_lora_layers(model, plan, group)  # LoRA adapters: their f / g shared with the base layers
     # An LM head tied to an embedding the plan did not list (or listed after it) stays tied.
     if lm_head is not None and new_embedding is not None and lm_head.weight is not new_embedding[1].weight:
-        if getattr(model.config, "tie_word_embeddings", False):
+        if getattr(root.config, "tie_word_embeddings", False):
             lm_head.weight = new_embedding[1].weight
     for name, patch in plan.patches.items():
         mod = model.get_submodule(name)
@@ -141,7 +148,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             local_heads = plan_local_heads(model, plan)
             mod.register_forward_pre_hook(HOOKS[hook](context, local_heads), with_kwargs=True)
     if lm_head is not None:  # the model's loss_function -> vocab-parallel (causal or masked, cross_entropy.py)
-        install_vocab_parallel_loss(model, lm_head)
+        install_vocab_parallel_loss(root, lm_head)
     replicated_norms = _replicated_token_norms(plan, modules)
     if kernels.fused_rmsnorm:
         _fuse_rms_norms(modules, replicated_norms)
@@ -168,7 +175,8 @@ def _fuse_rms_norms(modules: dict, names: list[str]) -> None:
 def _replicated_token_norms(plan: Plan, modules: dict) -> list[str]:
     """Replicated per-token norms of the residual stream: not beside a sharded linear (a norm next to
     q/k/v, e.g. OLMo-2's full-width q/k norms, sees per-head data, not the replicated stream)."""
-    parents_of_linears = {name.rpartition(".")[0] for name, e in plan.entries.items() if e.style in _LINEAR_STYLES}
+    parents_of_linears = {name.removesuffix(".base_layer").rpartition(".")[0]  # a LoRA base: its layer's parent
+                          for name, e in plan.entries.items() if e.style in _LINEAR_STYLES}
     return [name for name, e in plan.entries.items()
             if e.style == Style.REPLICATED and name.rpartition(".")[0] not in parents_of_linears
             and is_per_token_norm(modules[name])]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .plan import Style
+from .plan import ADAPTER_STYLES, Style
 
 # HF style -> (our style, note). Styles absent here are unknown: a model's own plan falls back to the
 # structural rules for that module (with a warning), a user's plan is refused (planner.py).
@@ -35,7 +35,7 @@ def translate_hf_style(hf_style: str) -> tuple[Style, str] | None:
 
 def known_style_names() -> list[str]:
     """Every style name a plan may use: ours, then Hugging Face's that we translate."""
-    return [s.value for s in Style] + sorted(set(_HF_STYLES) - {s.value for s in Style})
+    return [s.value for s in Style if s not in ADAPTER_STYLES] + sorted(set(_HF_STYLES) - {s.value for s in Style})
 
 
 def hf_plan_of(model: nn.Module) -> dict[str, str]:

@@ -28,6 +28,9 @@ class Style(str, enum.Enum):
     REPLICATED_GRAD_SUM = "replicated_grad_sum"  # full copy fed split activations: grads summed over TP
     HEAD_SHARDED = "head_sharded"            # per-head parameters (dim 0 = heads) split with the heads
     EXPERTS = "experts_tp"                   # fused MoE experts: gate/up per expert split, down along its input
+    # LoRA adapters (planner/lora.py, parallel/lora.py): sliced like their base layer, no collective of their own
+    ADAPTER_COLWISE = "adapter_colwise"      # B of a column-parallel base: output rows split like the base's
+    ADAPTER_ROWWISE = "adapter_rowwise"      # A of a row-parallel base: input columns split like the base's
 
     def __str__(self) -> str:
         return self.value
@@ -37,7 +40,9 @@ class Style(str, enum.Enum):
 REPLICATED_WARN_FRACTION = 0.10
 
 SHARDED_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT,
-                  Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED, Style.EXPERTS}
+                  Style.VOCAB_EMBEDDING, Style.LM_HEAD, Style.HEAD_SHARDED, Style.EXPERTS,
+                  Style.ADAPTER_COLWISE, Style.ADAPTER_ROWWISE}
+ADAPTER_STYLES = {Style.ADAPTER_COLWISE, Style.ADAPTER_ROWWISE}  # only the planner gives them, to LoRA adapters
 
 
 @dataclass(frozen=True)

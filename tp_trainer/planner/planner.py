@@ -25,12 +25,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import dataflow as dataflow_trace
+from ..parallel.lora import is_peft_model
 from .experts import plan_experts
 from .families import fused_layout
 from .heads import (HEAD_ATTRS, KV_ATTRS, KV_WIDTH_ATTRS, WIDTH_ATTRS, _attention_patches, _separate_projection_blocks,
                     check_heads)
 from .heuristic import HEURISTIC, _heuristic, _structural_rules
 from .hf_plan import hf_plan_of, translate_hf_style
+from .lora import plan_lora_model
 from .model_info import ModelDims, call_order, is_linear, layer_lists, linear_shape, model_dims
 from .plan import Plan, PlanEntry, Style, match_plan
 from .rules import _dataflow_rules
@@ -59,6 +61,8 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int, *, user_plan: dict[str,
     if tp_size == 1:
         plan.notes.append("tp_size=1: nothing is split")
         return plan
+    if is_peft_model(model):  # planned unwrapped, the adapters after their base layers (planner/lora.py)
+        return plan_lora_model(model, tp_size, user_plan=user_plan, plan_base=plan_tensor_parallel)
     modules = dict(model.named_modules())
     # observed: attention module -> (heads, kv heads, head dim) its forward used
     rule_entries, observed, order = _rule_entries(model, modules, dims, tp_size, plan)

@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from .hf_plan import known_style_names, translate_hf_style
 from .model_info import is_linear, meta_copy, meta_inputs, meta_twin
-from .plan import Plan, PlanEntry, Style, pattern_to_regex
+from .plan import ADAPTER_STYLES, Plan, PlanEntry, Style, pattern_to_regex
 
 SEQ_LEN = 8  # tokens of the meta step: enough for every mask / rotary code path, costs nothing on meta
 LINEAR_STYLES = (Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT)
@@ -74,9 +74,14 @@ def user_style(pattern: str, style: str, *, option: str = "tp_plan") -> Style:
     """Our :class:`Style` for a user's style name (ours or Hugging Face's); an unknown one is an error
     naming the entry and every supported name."""
     try:
-        return Style(style)
+        ours = Style(style)
     except ValueError:
-        pass
+        ours = None
+    if ours in ADAPTER_STYLES:
+        raise PlanError(f"{option} entry {pattern!r}: {style!r} is given by the planner to LoRA adapters, after "
+                        f"their base layer; set the base layer's style instead (the adapters follow it).")
+    if ours is not None:
+        return ours
     translated = translate_hf_style(style)
     if translated is None:
         raise PlanError(f"{option} entry {pattern!r}: {style!r} is not a tensor-parallel style tp_trainer knows. "

@@ -36,6 +36,7 @@ LAYERS = {
     "checkpoint": "checkpoint",
     "memory": "memory", "memory_trace": "memory",
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
+    "preemption": "trainer",
     "app": "app",
     "commands": "commands", "cli": "commands",
     "upstream": "table",

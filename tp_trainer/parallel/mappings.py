@@ -13,10 +13,10 @@ wrapper                                        forward                         b
 :func:`reduce_from_tp_region` (``g``)          all-reduce (sum)                identity
 :func:`gather_from_tp_region`                  all-gather dim -1: ``[.., tp h]``  keep own chunk of dim -1
 :func:`scatter_to_tp_region`                   keep own chunk of dim -1        all-gather dim -1
-:func:`scatter_to_sequence_parallel_region`    keep own chunk of dim 0         all-gather dim 0
-:func:`gather_from_sequence_parallel_region`   all-gather dim 0: ``[tp n, ..]``  reduce-scatter dim 0, or keep
+:func:`scatter_to_sequence_parallel_region`    keep own chunk of ``dim``       all-gather ``dim``
+:func:`gather_from_sequence_parallel_region`   all-gather ``dim``: ``tp n``    reduce-scatter ``dim``, or keep
                                                                                own chunk (``replicated_grad``)
-:func:`reduce_scatter_to_sequence_parallel_region`  reduce-scatter dim 0       all-gather dim 0
+:func:`reduce_scatter_to_sequence_parallel_region`  reduce-scatter ``dim``     all-gather ``dim``
 =============================================  ==============================  =============================
 
 ``f`` goes where a replicated activation enters column-parallel layers: each rank's layers produce
@@ -26,13 +26,16 @@ attention and MLP on one normed input), :func:`copy_to_tp_region_once` gives the
 ``f`` node, memoised on the input tensor: autograd adds their partial gradients into that node's
 input buffer, and one all-reduce serves all of them (in eager and compiled mode alike).
 
-The dim-0 pair without a reduction (``scatter_to_sequence_parallel_region`` and
+The sequence wrappers take the token dim (``dim``: 0 of ``[N, H]``, the default; 1 of ``[B, S, H]``).
+The pair without a reduction (``scatter_to_sequence_parallel_region`` and
 ``gather_from_sequence_parallel_region(..., replicated_grad=True)``) splits the *tokens* of a
-replicated activation ``[N, H]``: ``norms.py`` computes a per-token norm on ``N / tp`` rows per rank
-that way. Its backward relies on what holds for every replicated activation in Megatron-style TP:
-the gradient arriving at the gathered output is the same on every rank, so keeping this rank's
-rows of it is exact. Sequence parallelism proper (activations split over the sequence between the
-TP regions) would use the reducing pair instead.
+replicated activation: ``norms.py`` computes a per-token norm on ``N / tp`` rows per rank that way.
+Its backward relies on what holds for every replicated activation in Megatron-style TP: the
+gradient arriving at the gathered output is the same on every rank, so keeping this rank's rows of
+it is exact. Sequence parallelism (``sequence.py``: activations split along the sequence between the
+TP regions) uses the reducing pair: the all-gather before the column-parallel layers, whose
+backward reduce-scatters their partial input gradients in place of ``f``'s all-reduce, and the
+reduce-scatter in place of the row-parallel layers' ``g``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """This rank's chunk of ``x`` along ``dim`` (0 or -1)."""
+    """This rank's chunk of ``x`` along ``dim``."""
     size, rank = group.size(), group.rank()
     if x.shape[dim] % size:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the TP size {size}")
@@ -57,13 +60,31 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """Concatenation of the ranks' ``x`` along ``dim`` (0 or -1): one dim-0 all-gather into a single
-    buffer (no list of tensors); for the last dim, moving the gathered dim to the end is one copy."""
+    """Concatenation of the ranks' ``x`` along ``dim``: one dim-0 all-gather into a single buffer (no list
+    of tensors); for another dim, moving the gathered dim into place is one copy (none when the dims
+    before ``dim`` have size 1, e.g. dim 1 of a ``[1, s, h]`` batch)."""
     out = all_gather_rows(x.contiguous(), group)
+    dim = dim % x.dim()
     if dim == 0:
         return out
     size = group.size()
-    return out.view(size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
+    full = out.view(size, *x.shape).movedim(0, dim).reshape(*x.shape[:dim], size * x.shape[dim], *x.shape[dim + 1:])
+    # no copy made it a view of the buffer: detached (same storage), callers may modify it in place
+    return full.detach() if full._base is not None else full
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk along ``dim`` of the sum of ``x`` over the ranks: one dim-0 reduce-scatter of ``x``
+    with the chunks of ``dim`` moved to the front (a copy unless the dims before ``dim`` have size 1)."""
+    dim = dim % x.dim()
+    if dim == 0:
+        return reduce_scatter_rows(x.contiguous(), group)
+    size, shape = group.size(), list(x.shape)
+    if shape[dim] % size:
+        raise ValueError(f"dim {dim} of size {shape[dim]} is not divisible by the TP size {size}")
+    chunks = x.reshape(*shape[:dim], size, shape[dim] // size, *shape[dim + 1:]).movedim(dim, 0).contiguous()
+    # [size * d0, d1, .., n, ..] -> this rank's [d0, d1, .., n, ..]: already the chunk's shape
+    return reduce_scatter_rows(chunks.view(size * shape[0], *chunks.shape[2:]), group)
 
 
 # ------------------------------------------------------------------------------ autograd functions
@@ -123,31 +144,31 @@ class _ScatterToTPRegion(torch.autograd.Function):
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
-    """Forward: all-gather along dim 0; backward: reduce-scatter along dim 0 (each rank's gradient is a
+    """Forward: all-gather along ``dim``; backward: reduce-scatter along ``dim`` (each rank's gradient is a
     partial sum, as after column-parallel layers)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group, 0)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter_rows(grad.contiguous(), ctx.group), None
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    """Forward: reduce-scatter along dim 0 (sum the partial outputs, keep this rank's rows);
-    backward: all-gather the gradient along dim 0."""
+    """Forward: reduce-scatter along ``dim`` (sum the partial outputs, keep this rank's chunk);
+    backward: all-gather the gradient along ``dim``."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_rows(x.contiguous(), group)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group, 0), None
+        return _gather(grad, ctx.group, ctx.dim), None, None
 
 
 # ------------------------------------------------------------------------------ public wrappers
@@ -165,8 +186,8 @@ def copy_to_tp_region_once(x: torch.Tensor, group) -> torch.Tensor:
     of an intermediate tensor, so compiled graphs get the same single node. A tensor that refuses
     attributes (some subclasses) gets one ``f`` per caller: the same gradient, one all-reduce each.
     """
-    if group is None:
-        return x
+    if group is None or getattr(x, "_tp_sequence_gathered", None) is not None:  # sequence.py: the gather's
+        return x                                                                  # backward reduces instead
     memo = getattr(x, "_tp_copy", None)
     if memo is not None and memo[0] is group:
         return memo[1]
@@ -193,24 +214,33 @@ def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if group is None else _ScatterToTPRegion.apply(x, group, -1)
 
 
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    """Keep this rank's dim-0 chunk (its tokens) forward; all-gather the gradient backward."""
-    return x if group is None else _ScatterToTPRegion.apply(x, group, 0)
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group, *, dim: int = 0) -> torch.Tensor:
+    """Keep this rank's chunk of ``dim`` (its tokens: dim 0 of ``[N, H]``, dim 1 of ``[B, S, H]``) forward;
+    all-gather the gradient backward."""
+    return x if group is None else _ScatterToTPRegion.apply(x, group, dim)
 
 
-def gather_from_sequence_parallel_region(x: torch.Tensor, group, *, replicated_grad: bool = False) -> torch.Tensor:
-    """Concatenate the ranks' dim-0 chunks forward. Backward: reduce-scatter the gradient (it is a partial
+def gather_from_sequence_parallel_region(x: torch.Tensor, group, *, dim: int = 0,
+                                         replicated_grad: bool = False) -> torch.Tensor:
+    """Concatenate the ranks' chunks of ``dim`` forward. Backward: reduce-scatter the gradient (it is a partial
     sum on each rank), or with ``replicated_grad`` keep this rank's chunk (it is the same on every rank)."""
     if group is None:
         return x
     if replicated_grad:
-        return _GatherFromTPRegion.apply(x, group, 0)
-    return _GatherFromSequenceParallelRegion.apply(x, group)
+        return _GatherFromTPRegion.apply(x, group, dim)
+    return _GatherFromSequenceParallelRegion.apply(x, group, dim)
 
 
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum the ranks' partial outputs and keep this rank's dim-0 chunk forward; all-gather the gradient backward."""
-    return x if group is None else _ReduceScatterToSequenceParallelRegion.apply(x, group)
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group, *, dim: int = 0) -> torch.Tensor:
+    """Sum the ranks' partial outputs and keep this rank's chunk of ``dim`` forward; all-gather the gradient
+    backward."""
+    return x if group is None else _ReduceScatterToSequenceParallelRegion.apply(x, group, dim)
+
+
+def gather_along(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The all-gather of ``x`` along ``dim`` as a plain tensor op, outside autograd (a backward that needs
+    the gathered input again: ``sequence.py``'s column layers keep only their chunk of it)."""
+    return x if group is None else _gather(x, group, dim)
 
 
 class _CopyToTPRegionMany(torch.autograd.Function):

@@ -36,6 +36,8 @@ LAYERS = {
     "checkpoint": "checkpoint",
     "memory": "memory", "memory_trace": "memory",
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
+    "trl": "trainer",
+    "extras": "extras",
     "preemption": "trainer",
     "app": "app",
     "commands": "commands", "cli": "commands",
@@ -51,6 +53,7 @@ FORBIDDEN = {
     "trainer": {"app", "commands"},
     "app": {"commands"},
     "table": {"parallel", "planner", "zero", "checkpoint", "memory", "trainer", "app", "commands"},
+    "extras": {"parallel", "planner", "zero", "checkpoint", "memory", "trainer", "app", "commands"},
 }
 
 

@@ -100,12 +100,17 @@ def _library_subclasses() -> tuple[type, ...]:
 
 
 def _own_methods(cls: type) -> dict[str, object]:
-    """The functions written in ``cls``'s body (not what a metaclass adds), unwrapped."""
+    """The functions written in ``cls``'s body (not what a metaclass adds), unwrapped, and in the bodies of the
+    tp_trainer mixins it inherits (``TPTrainerMixin`` has no library base of its own: its overrides count
+    for every class it is mixed into)."""
     out = {}
-    for name, value in vars(cls).items():
-        func = getattr(value, "__func__", getattr(value, "fget", value))
-        if inspect.isfunction(func) and func.__qualname__.startswith(f"{cls.__qualname__}."):
-            out[name] = func
+    mixins = [k for k in cls.__mro__[1:] if k.__module__.startswith("tp_trainer.")
+              and not any(b.__module__.split(".")[0] in LIBRARIES for b in k.__mro__[1:])]
+    for klass in [*reversed(mixins), cls]:
+        for name, value in vars(klass).items():
+            func = getattr(value, "__func__", getattr(value, "fget", value))
+            if inspect.isfunction(func) and func.__qualname__.startswith(f"{klass.__qualname__}."):
+                out[name] = func
     return out
 
 

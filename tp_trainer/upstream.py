@@ -1,7 +1,7 @@
 """Every private (or undocumented) transformers / accelerate / torch internal that tp_trainer relies on, in one table.
 
-tp_trainer overrides underscore methods of ``transformers.Trainer``, swaps the class of the
-Trainer's ``accelerate.Accelerator``, reads attributes such as ``GradientState.remainder`` and
+tp_trainer overrides underscore methods of ``transformers.Trainer``, replaces the Trainer's
+``accelerate.Accelerator`` by a subclass built from the same arguments, reads attributes such as ``GradientState.remainder`` and
 calls functions from private modules (``torch.utils._python_dispatch``, ...). None of that is a
 stable API: a release may rename a method, add a parameter the Trainer then passes, or move a
 value, and an override that no longer matches is silently skipped or called wrongly.
@@ -79,6 +79,7 @@ SAVE, LOAD, LAYOUT = "tp_trainer/checkpoint/save.py", "tp_trainer/checkpoint/loa
 ATTN, MEMORY, TRACE = "tp_trainer/parallel/attention.py", "tp_trainer/memory.py", "tp_trainer/memory_trace.py"
 FAMILIES, EXPERTS = "tp_trainer/planner/families.py", "tp_trainer/planner/experts.py"
 DATAFLOW = "tp_trainer/planner/dataflow.py"
+TRL_HEAD = "tp_trainer/trl/fused_head.py"
 BENCH, BENCH_CKPT = "scripts/bench.py (benchmark)", "scripts/bench_checkpoint.py (benchmark)"
 T, TA, TCB, ACC = ("transformers.trainer:Trainer", "transformers.training_args:TrainingArguments",
                    "transformers.trainer_callback", "accelerate.accelerator:Accelerator")
@@ -116,6 +117,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(f"{T}.create_optimizer", "override", ("model",), TRAINER, "wraps the optimizer in ShardedOptimizer"),
     Internal(f"{T}.training_step", "override", ("model", "inputs", "num_items_in_batch"), TRAINER,
              "checks at the first step that a TP group received identical batches"),
+    Internal(f"{T}.create_accelerator_and_postprocess", "override", (), TRAINER,
+             "TPTrainerMixin shards the model there (Trainer.__init__ calls it once self.model is set, before it "
+             "moves or wraps the model) and replaces the accelerator it built by a TPAccelerator",
+             ("self.accelerator = Accelerator(**args)", "_build_accelerator_args(", "self.gather_function =")),
+    Internal(f"{T}._build_accelerator_args", "override", ("kwargs",), TRAINER,
+             "kept: the TPAccelerator is built from the arguments the Trainer chose for its own accelerator"),
     # ---- transformers.Trainer: what we call, read or write
     Internal(f"{T}.__init__", "call", ("model", "args", "optimizers", "optimizer_cls_and_kwargs"), TRAINER,
              "TPTrainer passes model and args positionally and refuses optimizers= (pass optimizer_cls_and_kwargs)"),
@@ -124,9 +131,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(f"{T}.hp_search_backend", "attribute", None, SAVE, "store_flos only outside hyper-parameter search"),
     Internal(f"{T}.callback_handler", "attribute", None, SAVE, "its callbacks' ExportableState go into the state"),
     Internal(f"{T}.control", "attribute", None, SAVE, "TrainerControl's ExportableState goes into the state"),
-    Internal(f"{T}.accelerator", "attribute", None, f"{TRAINER}; {FSDP}", "made TP-aware (TPAccelerator.adopt)"),
+    Internal(f"{T}.accelerator", "attribute", None, f"{TRAINER}; {FSDP}",
+             "replaced by a TPAccelerator (create_accelerator_and_postprocess)"),
     Internal(f"{T}.gather_function", "attribute", None, TRAINER,
-             "bound in __init__ to the world-wide gather; re-bound to the dp-only one once the accelerator is adopted"),
+             "bound to the accelerator's gather_for_metrics; re-bound to the TPAccelerator's dp-only one"),
     Internal(f"{T}._save_rng_state", "attribute", None, f"{LAYOUT}; {LOAD}",
              "the format of the Trainer's rng_state files, read when resuming a plain checkpoint under TP",
              ('"python"', '"numpy"', '"cpu"', "rng_state_", "rng_state.pth")),
@@ -151,8 +159,9 @@ INTERNALS: tuple[Internal, ...] = (
              "'batch_rebalance' shards by global rank: refused under TP (read with getattr: a rename drops the check)"),
     Internal(f"{TA}._setup_devices", "attribute", None, f"{ARGS}; tp_trainer/app/launch.py",
              "use_cpu / ACCELERATE_USE_CPU make a torchrun CPU world one distributed world", ("ACCELERATE_USE_CPU",)),
-    # ---- accelerate.Accelerator: TPAccelerator (class swapped in), FSDPBaselineTrainer (instance patch)
-    Internal(ACC, "patch", None, ACCEL, "TPAccelerator.adopt swaps the Trainer's accelerator's __class__"),
+    # ---- accelerate.Accelerator: TPAccelerator (a subclass the Trainer's mixin builds), FSDPBaselineTrainer (patch)
+    Internal(f"{ACC}.__init__", "call", None, ACCEL,
+             "TPAccelerator(context, **Trainer._build_accelerator_args(...)): the Trainer's own keyword arguments"),
     Internal(f"{ACC}.prepare_data_loader", "override", ("data_loader", "device_placement", "slice_fn_for_dispatch"),
              ACCEL, "shards over the dp group: a copy of its body with num_processes=dp, process_index=dp_rank"),
     Internal(f"{ACC}.prepare_model", "override", ("model", "device_placement", "evaluation_mode"), f"{ACCEL}; {FSDP}",
@@ -233,6 +242,31 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.integrations.moe:use_experts_implementation", "attribute", None, EXPERTS,
              "fused experts modules carry their weight layout as instance flags, read with getattr",
              ("self.is_concatenated =", "self.is_transposed =", "self.has_bias =", "self.has_post_expert_norm =")),
+    # ---- TRL (tp_trainer/trl/: the fused LM head TRL installs, its reference model)
+    Internal("trl.trainer.utils:add_fused_lm_head", "patch", None, TRL_HEAD,
+             "the model.forward it installs reads lm_head.weight (a vocabulary shard under TP): replaced by the "
+             "vocab-parallel one, which mirrors its signature, label shift, config reads and MoE loss",
+             ("fused_lm_head=False", "shift_labels", "num_items_in_batch", "final_logit_softcapping", "logit_scale",
+              "output_multiplier", "lm_head_multiplier", "logits_scaling", "load_balancing_loss_func",
+              'backbone_attr = "base_model"', "mask.sum().clamp(min=1)")),
+    Internal("trl.trainer.utils:FusedCausalLMOutput", "call",
+             ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask", "aux_loss"),
+             TRL_HEAD, "what the vocab-parallel fused head returns"),
+    Internal("trl.trainer.sft_trainer:SFTTrainer.__init__", "attribute", None, "tp_trainer/trl/sft.py",
+             "installs its fused head last, asking for these outputs (sft.SFT_OUTPUTS)",
+             ('outputs=("log_probs", "entropy", "is_top1")',)),
+    Internal("trl.trainer.dpo_trainer:DPOTrainer.__init__", "attribute", None, "tp_trainer/trl/dpo.py",
+             "installs the fused heads (dpo.DPO_OUTPUTS) and hands its reference model to accelerator.prepare_model, "
+             "where TPDPOTrainer shards it",
+             ('outputs = ("log_probs", "entropy", "mean_logits", "is_top1")', "add_fused_lm_head(self.ref_model)",
+              "self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)")),
+    Internal("trl.trainer.dpo_trainer:DPOTrainer.ref_model", "attribute", None, "tp_trainer/trl/dpo.py",
+             "the reference model, recognised when it reaches prepare_model"),
+    Internal("trl.trainer.dpo_trainer:DPOTrainer.compute_ref_log_probs", "override", ("model", "inputs"),
+             "tp_trainer/trl/dpo.py", "precomputed reference log-probs run inside __init__: the head is replaced first"),
+    Internal("transformers.models.mixtral.modeling_mixtral:load_balancing_loss_func", "call",
+             ("gate_logits", "num_experts", "top_k", "attention_mask"), TRL_HEAD,
+             "the MoE load-balancing loss TRL's fused head adds, called as it calls it"),
     # ---- torch
     Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py", "multi-tensor gradient clipping"),
     Internal("torch:_foreach_norm", "call", None, "tp_trainer/parallel/grads.py", "gradient norm, one pass per tensor"),

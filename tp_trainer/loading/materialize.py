@@ -15,10 +15,13 @@ are cast to the dtype ``from_pretrained`` gives the tensor (the model's, or fp32
 place (``torch.utils.swap_tensors``): tied modules keep sharing one object and the attributes
 ``apply_tensor_parallel`` set on it (``tp_spec``, ``tp_grad_sum``) stay.
 
-Non-persistent buffers (rotary ``inv_freq``, position ids) and persistent buffers absent from
-the checkpoint are made as ``from_pretrained`` makes them: empty on the device, then the
-model's own ``initialize_weights``, which skips every tensor flagged ``_is_hf_initialized``
-(all the loaded ones) and recomputes the rest.
+Before that, on the unsharded model, :func:`compute_buffers` makes the non-persistent buffers
+(rotary ``inv_freq``, Gemma's ``embed_scale``) and the persistent buffers absent from the
+checkpoint as ``from_pretrained`` makes them: empty on the device, then the model's own
+``initialize_weights``, which skips every tensor flagged ``_is_hf_initialized`` (here: every
+parameter, still on ``meta``) and computes the rest. It must run before the plan is applied:
+the TP layers take such values from the modules they replace, and the model's init code only
+knows its own module classes.
 
 No communication: each rank reads its own slices. Host memory: the loaded shards plus one
 segment (a Stack or Cat source: plus one of its pieces) in flight.
@@ -27,8 +30,6 @@ segment (a Stack or Cat source: plus one of its pieces) in flight.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
-
 import torch
 import torch.nn as nn
 from transformers.utils import logging
@@ -127,6 +128,11 @@ def read_local(files: SafetensorsDir, src: Source, spec, full_shape: tuple[int, 
     whole = tuple((0, n) for n in full_shape)
     if spec is None:
         return read_box(files, src, whole).to(device=device, dtype=dtype)
+    segments = spec.local_segments
+    if len(segments) == 1 and segments[0][1] == spec.local_size:  # one box is the whole shard: no second copy
+        (start, length), = segments
+        box = whole[:spec.dim] + ((start, start + length),) + whole[spec.dim + 1:]
+        return read_box(files, src, box).to(device=device, dtype=dtype).contiguous()
     out = torch.empty(spec.local_shape, dtype=dtype, device=device)
     offset = 0
     for start, length in spec.local_segments:
@@ -139,7 +145,8 @@ def read_local(files: SafetensorsDir, src: Source, spec, full_shape: tuple[int, 
 
 
 def _swap_in(old: torch.Tensor, value: torch.Tensor) -> None:
-    """Make the ``meta`` tensor ``old`` hold ``value`` (same object: ties, hooks and attributes survive)."""
+    """Make the ``meta`` tensor ``old`` hold ``value`` (same object: ties, hooks and attributes survive); flagged
+    ``_is_hf_initialized`` as transformers flags what it loaded."""
     attrs = dict(old.__dict__)
     new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
     torch.utils.swap_tensors(old, new)
@@ -148,31 +155,45 @@ def _swap_in(old: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, device: torch.device,
-                dtypes: dict[str, torch.dtype]) -> dict[str, int]:
-    """Give every ``meta`` parameter and buffer of the sharded ``model`` its values (module docstring); returns
-    byte counts: ``local`` (what this rank holds), ``read`` (what it read from the files)."""
+def compute_buffers(model: nn.Module, keymap: KeyMap, *, device: torch.device) -> list[str]:
+    """On the unsharded ``meta`` model: the buffers the checkpoint does not hold, computed on ``device`` by the
+    model's ``initialize_weights`` (every parameter flagged, so skipped); returns their names."""
     persistent = persistent_names(model)
-    counts = defaultdict(int)
-    to_init = []
+    computed = []
+    for names, t, is_param in tensor_aliases(model):
+        if is_param:
+            t._is_hf_initialized = True
+        elif not (any(n in persistent for n in names) and _source_of(names, keymap) is not None):
+            # a fresh tensor as transformers makes it: no attribute of the meta one (nn.Buffer's marker) carried over
+            torch.utils.swap_tensors(t, torch.empty_like(t, device=device))
+            computed.append(names[0])
+    if computed:
+        model.initialize_weights()
+    for names, t, is_param in tensor_aliases(model):
+        if is_param:
+            del t._is_hf_initialized  # set again on each value loaded
+    logger.debug(f"computed by the model's initialize_weights, as from_pretrained does: {computed}")
+    return computed
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, device: torch.device,
+                dtypes: dict[str, torch.dtype]) -> int:
+    """Give every ``meta`` parameter and persistent buffer of the sharded ``model`` its values (module docstring);
+    returns the bytes this rank holds now."""
+    held = 0
     for names, t, is_param in tensor_aliases(model):
         if not t.is_meta:
+            held += t.numel() * t.element_size()
             continue
-        found = _source_of(names, keymap) if (is_param or any(n in persistent for n in names)) else None
-        if found is None:  # non-persistent or absent buffer: empty now, initialize_weights computes it
-            torch.utils.swap_tensors(t, torch.empty_like(t, device=device))
-            to_init.append(names[0])
-            continue
+        found = _source_of(names, keymap)
+        if found is None:
+            raise LoadError(f"{' = '.join(names)} has no source in {files.path} and no value (an internal error: "
+                            "check_sources and compute_buffers run first)")
         name, src = found
         spec = getattr(t, "tp_spec", None)
         full_shape = tuple(spec.full_shape) if spec is not None else tuple(t.shape)
         value = read_local(files, src, spec, full_shape, dtypes.get(name, t.dtype), device)
-        counts["local"] += value.numel() * value.element_size()
+        held += value.numel() * value.element_size()
         _swap_in(t, value)
-    if to_init:
-        model.initialize_weights()  # skips every tensor flagged _is_hf_initialized: only these are computed
-        logger.debug(f"computed by the model's initialize_weights, as from_pretrained does: {to_init}")
-    still_meta = [names[0] for names, t, _ in tensor_aliases(model) if t.is_meta]
-    if still_meta:
-        raise LoadError(f"{still_meta[:5]} are still on the meta device after loading {files.path}")
-    return dict(counts)
+    return held

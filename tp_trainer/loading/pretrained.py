@@ -35,7 +35,7 @@ from ..planner import Plan, apply_tensor_parallel, plan_tensor_parallel
 from .build import build_meta_model, check_directory
 from .files import LoadError, SafetensorsDir
 from .keys import map_sources
-from .materialize import check_sources, materialize, target_dtypes
+from .materialize import check_sources, compute_buffers, materialize, target_dtypes
 
 logger = logging.get_logger(__name__)
 
@@ -74,9 +74,10 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
     dtypes = target_dtypes(model, model._get_dtype_plan(dtype))
     full_parameters = sum(p.numel() for p in model.parameters())
     plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
+    compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)
     apply_tensor_parallel(model, plan, context)
     try:
-        counts = materialize(model, keymap, files, device=context.device, dtypes=dtypes)
+        held = materialize(model, keymap, files, device=context.device, dtypes=dtypes)
     finally:
         files.close()
     if keymap.unexpected:
@@ -91,7 +92,7 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
     model.eval()  # as from_pretrained returns it
     setattr(model, MARKER, ShardedState(plan, context, full_parameters))
     logger.info(f"tp_trainer: {path} loaded shard-only on rank {context.rank} (tp_rank {context.tp_rank} of "
-                f"{context.tp_size}): {counts.get('local', 0) / 2**20:.1f} MiB of weights in "
+                f"{context.tp_size}): {held / 2**20:.1f} MiB of weights in "
                 f"{time.perf_counter() - start:.1f} s")
     return model
 

@@ -268,7 +268,13 @@ INTERNALS: tuple[Internal, ...] = (
              ("gate_logits", "num_experts", "top_k", "attention_mask"), TRL_HEAD,
              "the MoE load-balancing loss TRL's fused head adds, called as it calls it"),
     # ---- torch
-    Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py", "multi-tensor gradient clipping"),
+    Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py; tp_trainer/zero/fully_sharded.py",
+             "multi-tensor gradient clipping"),
+    Internal("torch.distributed.fsdp._fully_shard._fsdp_state:FSDPState.init", "attribute", None,
+             "tp_trainer/zero/fully_sharded.py",
+             "ZeRO-3 puts tp_spec/tp_grad_sum on the parameters FSDP2 gathers with a forward pre-hook that must run "
+             "after FSDP2's own pre-forward (the unshard), which FSDP2 registers with prepend=True",
+             ("self._pre_forward, prepend=True",)),
     Internal("torch:_foreach_norm", "call", None, "tp_trainer/parallel/grads.py", "gradient norm, one pass per tensor"),
     Internal("torch:_assert_async", "call", None, "tp_trainer/parallel/layers.py",
              "device-side vocabulary range check, with a message (the aten::_assert_async.msg overload)"),

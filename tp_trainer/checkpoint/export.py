@@ -26,8 +26,9 @@ import torch
 from transformers.utils import logging
 
 from ..parallel.gather import gather_full, persistent_buffers
-from .layout import unwrap_optimizer
+from .layout import MANIFEST, unwrap_optimizer
 from .load import CheckpointReader
+from .lora import merged_model, save_adapter, writes_adapter_directory
 
 logger = logging.get_logger(__name__)
 
@@ -108,7 +109,12 @@ def write_hf_model_dir(model, state_dict: dict, output_dir: str, *, dtype: torch
 
 def save_model(model, output_dir: str, *, context, dtype: torch.dtype, optimizer=None, processing_class=None,
                training_args=None, is_main: bool = True, max_shard_size: str | int = "5GB") -> None:
-    """Gather ``model``'s TP/ZeRO shards and write an HF model directory on the main process (collective)."""
+    """Gather ``model``'s TP/ZeRO shards and write an HF model directory on the main process (collective).
+
+    A PEFT model gets PEFT's adapter directory instead, its adapters gathered (:mod:`.lora`)."""
+    if writes_adapter_directory(model):
+        return save_adapter(model, output_dir, context=context, processing_class=processing_class,
+                            training_args=training_args, is_main=is_main)
     state_dict = gather_state_dict(model, context, dtype=dtype, optimizer=optimizer, keep=is_main)
     if not is_main:
         return
@@ -121,14 +127,24 @@ def save_model(model, output_dir: str, *, context, dtype: torch.dtype, optimizer
 
 
 def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: torch.dtype | None = None,
-                      max_shard_size: str | int = "5GB") -> torch.dtype:
+                      max_shard_size: str | int = "5GB", merge_lora: bool = False,
+                      base_model: str | None = None) -> torch.dtype:
     """Sharded training checkpoint -> HF model directory, in this single process; returns the dtype written.
 
-    ``dtype=None`` uses the dtype the training run's ``save_model`` would have used.
+    ``dtype=None`` uses the dtype the training run's ``save_model`` would have used. ``merge_lora``: the
+    checkpoint of a LoRA run (or an adapter directory) merged into its base model (``base_model``: the
+    base's local directory, default the one the adapter config names), see :func:`export_merged_lora`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if merge_lora:
+        return export_merged_lora(checkpoint_dir, output_dir, dtype=dtype, base_model=base_model,
+                                  max_shard_size=max_shard_size)
     reader = CheckpointReader.open(checkpoint_dir)
+    if reader.manifest.get("trainable_only"):
+        raise ValueError(f"{checkpoint_dir} is a checkpoint of a LoRA run: it holds the adapters and their optimizer "
+                         "state, not the base weights. Pass --merge-lora (with --base-model DIR unless its "
+                         "adapter_config.json names a local base directory) to write the merged model.")
     if dtype is None:
         dtype = parse_dtype(reader.manifest.get("model_save_dtype") or "float32")
     if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
@@ -152,4 +168,31 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, dtype: torch.dtyp
         src = os.path.join(checkpoint_dir, fname)
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(output_dir, fname))
+    return dtype
+
+
+def export_merged_lora(source: str, output_dir: str, *, dtype: torch.dtype | None = None, base_model: str | None = None,
+                       max_shard_size: str | int = "5GB") -> torch.dtype:
+    """A LoRA run's checkpoint (or a ``save_model`` adapter directory) merged into its base model and written as an
+    HF model directory, in this one process; returns the dtype written.
+
+    ``dtype=None``: for a checkpoint, what the run's ``save_model`` would have written for the model's weights
+    (16-bit for a 16-bit base or a bf16/fp16 run); for an adapter directory, the base's own dtype."""
+    from transformers import AutoConfig
+
+    reader = CheckpointReader.open(source) if os.path.isfile(os.path.join(source, MANIFEST)) else None
+    model, base_dir = merged_model(source, base_model=base_model, reader=reader)
+    if dtype is None:
+        saved = reader.manifest.get("model_save_dtype") if reader is not None else None
+        if saved is None:
+            saved = str(getattr(AutoConfig.from_pretrained(base_dir), "dtype", None) or "float32")
+        dtype = parse_dtype(str(saved).removeprefix("torch."))
+    state_dict = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
+                  for n, t in model.state_dict().items()}
+    write_hf_model_dir(model, state_dict, output_dir, dtype=dtype, max_shard_size=max_shard_size)
+    for folder in (source, base_dir):  # the tokenizer the run saved, else the base's
+        for fname in ("generation_config.json",) + TOKENIZER_FILES:
+            src = os.path.join(folder, fname)
+            if os.path.isfile(src) and not os.path.isfile(os.path.join(output_dir, fname)):
+                shutil.copy2(src, os.path.join(output_dir, fname))
     return dtype

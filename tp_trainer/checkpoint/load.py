@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers.utils import logging
 
 from ..parallel.gather import persistent_buffers
+from ..parallel.lora import is_peft_model
 from ..parallel.sharding import ShardSpec
 from ..zero import ShardedOptimizer
 from .layout import (FORMAT, GROUPS, MANIFEST, SCHEDULER, VERSION, CheckpointError, _all_gather_object, _full_shape,
@@ -252,9 +253,19 @@ def _check_files(path: str, manifest: dict, ctx) -> list[str]:
 
 def _check_model(path: str, manifest: dict, model) -> list[str]:
     saved = manifest["tensors"]
-    current = {n: ("param", _full_shape(p)) for n, p in model.named_parameters()}
-    current.update({n: ("buffer", list(b.shape)) for n, b in persistent_buffers(model)})
     where = os.path.join(path, MANIFEST)
+    trainable_only = bool(manifest.get("trainable_only"))
+    if trainable_only != is_peft_model(model):
+        return [f"{where} was written by a {'LoRA (PEFT)' if trainable_only else 'full'} training run and holds "
+                f"{'only the trainable adapter tensors' if trainable_only else 'every weight'}, but this model is "
+                f"{'not ' if trainable_only else ''}a PEFT model: "
+                + ("wrap the base model with the run's LoRA config (get_peft_model) before resuming" if trainable_only
+                   else "resume it without the PEFT wrapper, or start the LoRA run from the exported model")]
+    if trainable_only:
+        current = {n: ("param", _full_shape(p)) for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        current = {n: ("param", _full_shape(p)) for n, p in model.named_parameters()}
+        current.update({n: ("buffer", list(b.shape)) for n, b in persistent_buffers(model)})
     errors = []
     missing = [n for n in current if n not in saved]
     unexpected = [n for n in saved if n not in current]
@@ -271,11 +282,14 @@ def _check_model(path: str, manifest: dict, model) -> list[str]:
 @torch.no_grad()
 def load_model_weights(reader: CheckpointReader, model) -> None:
     """Copy the checkpoint's weights into ``model``, re-sharded with ``model``'s own ShardSpecs."""
+    trainable_only = bool(getattr(reader, "manifest", {}).get("trainable_only"))
     for name, p in model.named_parameters():
+        if trainable_only and name not in reader.tensors:  # a LoRA run's checkpoint: the base stays as loaded
+            continue
         full = reader.full_tensor(name)
         spec = getattr(p, "tp_spec", None)
         p.data.copy_(spec.shard(full) if spec is not None else full)
-    for name, b in persistent_buffers(model):
+    for name, b in ([] if trainable_only else persistent_buffers(model)):
         b.copy_(reader.full_tensor(name))
 
 

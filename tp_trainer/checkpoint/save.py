@@ -19,7 +19,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ..parallel.gather import persistent_buffers
+from ..parallel.lora import is_peft_model
 from .export import resolve_save_dtype
+from .lora import write_adapter_configs, writes_adapter_directory
 from .layout import (FORMAT, GROUPS, MANIFEST, SCALER, SCHEDULER, TMP_PREFIX, TRAINER_STATE, VERSION,
                      _all_gather_object, _barrier, _finish_file, _fsync, _full_shape, _rng_states, _spec_record,
                      _versions, is_complete, unwrap_optimizer)
@@ -79,7 +81,11 @@ class _RankZeroExtras:
 
 
 def write_model_metadata(model, directory: str, processing_class=None) -> None:
-    """config.json, generation_config.json and the tokenizer, as ``save_pretrained`` writes them."""
+    """config.json, generation_config.json and the tokenizer, as ``save_pretrained`` writes them; for a PEFT
+    model, the inner Hugging Face model's config and the adapters' ``adapter_config.json``."""
+    if writes_adapter_directory(model):
+        write_adapter_configs(model, directory)
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if config is not None:
         config.architectures = [type(model).__name__]
@@ -156,12 +162,22 @@ def _finish_on_rank0(tmp, final, per_rank, *, model, optimizer, ctx, zero_stage,
     _publish(tmp, final)
 
 
+def checkpoint_tensors(model):
+    """``(parameters, persistent buffers)`` a checkpoint holds, as ``(name, tensor)`` lists. A PEFT model's
+    checkpoint holds its trainable parameters only (adapters, ``modules_to_save`` copies): the frozen base
+    weights and buffers are the base model's, which the resuming run loads itself."""
+    if is_peft_model(model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad], []
+    return list(model.named_parameters()), list(persistent_buffers(model))
+
+
 def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:
     files, pieces = {}, {}
+    params, buffers = checkpoint_tensors(model)
     if ctx.dp_rank == 0:
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+        tensors = {n: p.detach().contiguous() for n, p in params}
         if ctx.tp_rank == 0:
-            tensors.update({n: b.detach().contiguous() for n, b in persistent_buffers(model)})
+            tensors.update({n: b.detach().contiguous() for n, b in buffers})
         fname = f"model-tp{ctx.tp_rank:02d}-of-{ctx.tp_size:02d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         files[fname] = _finish_file(os.path.join(tmp, fname))
@@ -186,10 +202,11 @@ def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:
 
 def _manifest(model, ctx, zero_stage, files, pieces, *, has_optimizer: bool) -> dict:
     tensors = {}
-    for n, p in model.named_parameters():
+    params, buffers = checkpoint_tensors(model)
+    for n, p in params:
         tensors[n] = {"kind": "param", "dtype": str(p.dtype).removeprefix("torch."), "full_shape": _full_shape(p),
                       "shard": _spec_record(getattr(p, "tp_spec", None))}
-    for n, b in persistent_buffers(model):
+    for n, b in buffers:
         tensors[n] = {"kind": "buffer", "dtype": str(b.dtype).removeprefix("torch."), "full_shape": list(b.shape),
                       "shard": None}
     config = getattr(model, "config", None)
@@ -200,6 +217,7 @@ def _manifest(model, ctx, zero_stage, files, pieces, *, has_optimizer: bool) -> 
         "model": {"class": type(model).__name__, "model_type": getattr(config, "model_type", None)},
         "versions": _versions(),
         "tensors": tensors,
+        "trainable_only": is_peft_model(model),  # a LoRA run: adapters only, the base weights are not in it
         "optimizer": {"pieces": pieces} if has_optimizer else None,
         "files": files,
     }

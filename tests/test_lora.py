@@ -30,7 +30,6 @@ from distributed import run_distributed
 from models import tiny_model
 
 pytestmark = pytest.mark.cpu_only(reason="the worlds run on CPU batches with use_cpu=True; not device-agnostic yet")
-peft = pytest.importorskip("peft", reason="LoRA support needs peft (pip install peft)")
 
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -370,3 +369,29 @@ def test_export_merge_lora_writes_the_merged_model(trained, tmp_path):
         logits = merged(input_ids=IDS).logits
     for rank in ranks:
         torch.testing.assert_close(rank["full"]["logits"], logits, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def test_recipe_lora_block_is_validated_and_wraps_the_model_for_the_planner():
+    from tp_trainer import plan_tensor_parallel
+    from tp_trainer.app.lora import LoraSettings, flatten_lora_block, wrap_with_lora
+    from tp_trainer.planner import Style
+
+    flat = flatten_lora_block({"use_lora": True, "max_steps": 3,
+                               "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "down_proj"]}})
+    assert flat == {"use_lora": True, "max_steps": 3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                    "lora_target_modules": "q_proj,down_proj"}
+    with pytest.raises(ValueError, match="'alpah'.*did you mean 'alpha'"):
+        flatten_lora_block({"lora": {"alpah": 4}})
+    for bad, what in [(dict(lora_r=0), "lora_r"), (dict(lora_alpha=0), "lora_alpha"), (dict(lora_dropout=1.0),
+                      "lora_dropout"), (dict(lora_target_modules=" , "), "lora_target_modules")]:
+        with pytest.raises(ValueError, match=what):
+            LoraSettings(use_lora=True, **bad)
+    settings = LoraSettings(**{k: v for k, v in flat.items() if k != "max_steps"})
+    model = tiny_model("llama")
+    assert wrap_with_lora(model, LoraSettings()) is model  # use_lora off: untouched
+    wrapped = wrap_with_lora(model, settings)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n and (".q_proj." in n or ".down_proj." in n) for n in trainable)
+    plan = plan_tensor_parallel(wrapped, 2)
+    assert plan.entries["base_model.model.model.layers.0.mlp.down_proj.lora_A.default"].style == Style.ADAPTER_ROWWISE

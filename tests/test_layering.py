@@ -4,6 +4,7 @@
 
     commands / cli  ->  app  ->  trainer  ->  checkpoint  ->  zero  ->  parallel
                                  trainer  ->  planner  ->  parallel
+                                 trainer  ->  loading (shard-only from_pretrained)  ->  planner, parallel
                         memory (the estimator)  ->  zero, planner, parallel
 
 Checked by reading every module's imports (``ast``: the module-level ones and those inside
@@ -34,6 +35,7 @@ LAYERS = {
     "planner": "planner",
     "zero": "zero",
     "checkpoint": "checkpoint",
+    "loading": "loading",
     "memory": "memory", "memory_trace": "memory",
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
     "trl": "trainer",
@@ -45,15 +47,16 @@ LAYERS = {
 }
 # layer -> the layers it must not import from
 FORBIDDEN = {
-    "parallel": {"planner", "zero", "checkpoint", "memory", "trainer", "app", "commands"},
-    "planner": {"zero", "checkpoint", "memory", "trainer", "app", "commands"},
-    "zero": {"planner", "checkpoint", "memory", "trainer", "app", "commands"},
-    "checkpoint": {"memory", "trainer", "app", "commands"},
-    "memory": {"checkpoint", "trainer", "app", "commands"},
+    "parallel": {"planner", "zero", "checkpoint", "loading", "memory", "trainer", "app", "commands"},
+    "planner": {"zero", "checkpoint", "loading", "memory", "trainer", "app", "commands"},
+    "zero": {"planner", "checkpoint", "loading", "memory", "trainer", "app", "commands"},
+    "checkpoint": {"loading", "memory", "trainer", "app", "commands"},
+    "loading": {"memory", "trainer", "app", "commands"},  # shard-only from_pretrained: planner + parallel
+    "memory": {"checkpoint", "loading", "trainer", "app", "commands"},
     "trainer": {"app", "commands"},
     "app": {"commands"},
-    "table": {"parallel", "planner", "zero", "checkpoint", "memory", "trainer", "app", "commands"},
-    "extras": {"parallel", "planner", "zero", "checkpoint", "memory", "trainer", "app", "commands"},
+    "table": {"parallel", "planner", "zero", "checkpoint", "loading", "memory", "trainer", "app", "commands"},
+    "extras": {"parallel", "planner", "zero", "checkpoint", "loading", "memory", "trainer", "app", "commands"},
 }
 
 

@@ -25,11 +25,11 @@ from .parallel import ParallelContext
 from .planner import Plan, PlanError, apply_tensor_parallel, plan_tensor_parallel
 
 __all__ = ["ParallelContext", "Plan", "PlanError", "TPArgumentsMixin", "TPTrainer", "TPTrainerMixin",
-           "TPTrainingArguments", "apply_tensor_parallel", "plan_tensor_parallel"]
+           "TPTrainingArguments", "apply_tensor_parallel", "from_pretrained", "plan_tensor_parallel"]
 
 
 _LAZY = {"TPTrainer": "trainer", "TPTrainerMixin": "trainer", "TPTrainingArguments": "args",
-         "TPArgumentsMixin": "args"}
+         "TPArgumentsMixin": "args", "from_pretrained": "loading"}
 
 
 def __getattr__(name):  # the Trainer pulls in accelerate/datasets: import it only when asked for

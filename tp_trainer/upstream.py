@@ -79,6 +79,7 @@ SAVE, LOAD, LAYOUT = "tp_trainer/checkpoint/save.py", "tp_trainer/checkpoint/loa
 ATTN, MEMORY, TRACE = "tp_trainer/parallel/attention.py", "tp_trainer/memory.py", "tp_trainer/memory_trace.py"
 FAMILIES, EXPERTS = "tp_trainer/planner/families.py", "tp_trainer/planner/experts.py"
 DATAFLOW = "tp_trainer/planner/dataflow.py"
+LOADING = "tp_trainer/loading"
 TRL_HEAD = "tp_trainer/trl/fused_head.py"
 BENCH, BENCH_CKPT = "scripts/bench.py (benchmark)", "scripts/bench_checkpoint.py (benchmark)"
 T, TA, TCB, ACC = ("transformers.trainer:Trainer", "transformers.training_args:TrainingArguments",
@@ -193,7 +194,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.configuration_utils:PretrainedConfig.base_model_tp_plan", "attribute", None,
              "tp_trainer/planner/hf_plan.py", "merged by hand when _tp_plan is absent"),
     Internal("transformers.configuration_utils:PretrainedConfig._attn_implementation", "patch", None,
-             f"{ATTN}; {MEMORY}; tp_trainer/planner/model_info.py",
+             f"{ATTN}; {MEMORY}; tp_trainer/planner/model_info.py; {LOADING}/build.py",
              "set to our registered CPU / estimate kernels (save_pretrained does not write it); a meta twin gets "
              "'eager' instead of a kernel that cannot run on meta"),
     Internal("transformers.modeling_utils:AttentionInterface._global_mapping", "attribute", None, f"{ATTN}; {MEMORY}",
@@ -267,6 +268,51 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.models.mixtral.modeling_mixtral:load_balancing_loss_func", "call",
              ("gate_logits", "num_experts", "top_k", "attention_mask"), TRL_HEAD,
              "the MoE load-balancing loss TRL's fused head adds, called as it calls it"),
+    # ---- transformers' from_pretrained, mirrored by shard-only loading (tp_trainer/loading)
+    Internal("transformers.modeling_utils:_get_dtype", "call",
+             ("dtype", "checkpoint_files", "config", "sharded_metadata", "state_dict", "weights_only", "hf_quantizer"),
+             f"{LOADING}/build.py", "the dtype from_pretrained settles on ('auto': config.dtype, else the checkpoint's); "
+             "passed positionally"),
+    Internal("transformers.configuration_utils:PretrainedConfig._experts_implementation", "patch", None,
+             f"{LOADING}/build.py", "from_pretrained(experts_implementation=...) sets it on the config; so do we"),
+    Internal("transformers.modeling_utils:PreTrainedModel.get_init_context", "call",
+             ("dtype", "is_quantized", "_is_ds_init_called", "allow_all_kernels", "config"), f"{LOADING}/build.py",
+             "the contexts from_pretrained builds the model under (meta device, default dtype, ties deferred); "
+             "passed positionally", ('torch.device("meta")', "no_tie_weights")),
+    Internal("transformers.modeling_utils:PreTrainedModel._from_config", "call", ("config",), f"{LOADING}/build.py",
+             "builds a model class (not an auto class) from its config, as the auto classes' from_config does"),
+    Internal("transformers.modeling_utils:PreTrainedModel._get_dtype_plan", "call", ("dtype",), f"{LOADING}/pretrained.py",
+             "_keep_in_fp32_modules: the tensors from_pretrained loads in fp32 whatever the dtype"),
+    Internal("transformers.modeling_utils:PreTrainedModel.initialize_weights", "call", (), f"{LOADING}/materialize.py",
+             "computes the buffers the checkpoint does not hold (rotary inv_freq, embed_scale) as from_pretrained "
+             "does; skips tensors flagged _is_hf_initialized"),
+    Internal("transformers.initialization:normal_", "attribute", None, f"{LOADING}/materialize.py",
+             "init functions skip a tensor flagged _is_hf_initialized: loaded parameters are flagged so that "
+             "initialize_weights computes only the buffers", ('getattr(tensor, "_is_hf_initialized", False)',)),
+    Internal("transformers.generation.utils:GenerationMixin.adjust_generation_fn", "call",
+             ("generation_config", "from_auto_class", "from_pipeline", "pretrained_model_name_or_path", "cache_dir",
+              "force_download", "proxies", "local_files_only", "token", "revision", "subfolder", "trust_remote_code"),
+             f"{LOADING}/pretrained.py", "reads generation_config.json as from_pretrained does (keywords)"),
+    Internal("transformers.conversion_mapping:get_model_conversion_mapping", "call", ("model", "key_mapping"),
+             f"{LOADING}/keys.py", "the model's checkpoint renamings and conversions (legacy, MoE experts fusion)"),
+    Internal("transformers.core_model_loading:rename_source_key", "call",
+             ("source_key", "weight_renamings", "weight_converters", "base_model_prefix", "meta_state_dict"),
+             f"{LOADING}/keys.py", "checkpoint key -> model tensor name and the converter pattern it matched"),
+    Internal("transformers.core_model_loading:dot_natural_key", "call", ("s",), f"{LOADING}/keys.py",
+             "from_pretrained collects a converter's tensors in this key order: the experts' stacking order"),
+    Internal("transformers.core_model_loading:WeightTransform.add_tensor", "call",
+             ("target_key", "source_key", "source_pattern", "future"), f"{LOADING}/keys.py",
+             "feeds a converter callables (its sync-loading path), meta tensors first, then the sources read whole"),
+    Internal("transformers.core_model_loading:WeightConverter.convert", "call", ("layer_name", "model", "config"),
+             f"{LOADING}/keys.py", "runs a conversion: on meta for the targets and shapes, on real tensors when no "
+             "lazy form exists"),
+    Internal("transformers.core_model_loading:WeightConverter.operations", "attribute", None, f"{LOADING}/keys.py",
+             "MergeModulelist/Concatenate/Transpose chains become lazy expressions (their dim, dim0/dim1, check_dims)"),
+    Internal("transformers.core_model_loading:build_glob_alternation", "call", ("globs",), f"{LOADING}/materialize.py",
+             "matches _keep_in_fp32_modules patterns to tensor names as from_pretrained does"),
+    Internal("transformers.core_model_loading:revert_weight_conversion", "attribute", None, f"{LOADING}/pretrained.py",
+             "save_pretrained reverts model._weight_conversions, which from_pretrained sets and so do we",
+             ('getattr(model, "_weight_conversions", None)',)),
     # ---- torch
     Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py; tp_trainer/zero/fully_sharded.py",
              "multi-tensor gradient clipping"),
@@ -283,7 +329,10 @@ INTERNALS: tuple[Internal, ...] = (
              "cleared on the probe copy of a norm"),
     Internal("torch.nn:Module._forward_pre_hooks", "patch", None, "tp_trainer/parallel/rmsnorm.py",
              "cleared on the probe copy of a norm"),
-    Internal("torch.nn:Module._parameters", "attribute", None, EXPERTS, "a module's own down_proj, if any"),
+    Internal("torch.nn:Module._parameters", "attribute", None, f"{EXPERTS}; {LOADING}/materialize.py",
+             "a module's own down_proj, if any; every module's own parameters, tied ones under each name"),
+    Internal("torch.nn:Module._buffers", "attribute", None, f"{LOADING}/materialize.py",
+             "every module's own buffers, shared ones under each name"),
     Internal("torch.nn.modules.conv:_ConvNd", "attribute", None, EXPERTS, "3-D convolution weights are not experts"),
     Internal("torch.fx.experimental._config:meta_nonzero_assume_all_nonzero", "attribute", None,
              f"tp_trainer/planner/validate.py; {DATAFLOW}",

@@ -94,7 +94,9 @@ class TPAccelerator(Accelerator):
         data = gather_over_dp(input_data, self.tp_context)
         state = self.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
-            return recursively_apply(lambda t: t[: state.remainder], data)
+            # per-sample tensors lose the last batch's padding; a scalar (a sum TRL gathers at dp=1) has no
+            # samples to drop: accelerate returns it untruncated too
+            return recursively_apply(lambda t: t[: state.remainder] if t.dim() else t, data)
         return data
 
 

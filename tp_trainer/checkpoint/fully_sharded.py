@@ -23,7 +23,6 @@ import sys
 
 import torch
 
-from ..parallel.gather import persistent_buffers
 from ..zero.fully_sharded import copy_into_param_, is_dp_sharded, tp_local_tensor
 
 __all__ = ["copy_into_param_", "is_dp_sharded", "tp_local_tensor", "write_dp_sharded_model_file"]
@@ -51,17 +50,17 @@ def _write_tensor(f, tensor: torch.Tensor) -> None:
     f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_dp_sharded_model_file(path: str, model, ctx, *, buffers: bool) -> bool:
-    """Write the local TP tensors of a dp-sharded ``model`` (and, with ``buffers``, its persistent buffers) to
-    the safetensors file ``path``; collective over dp. Returns whether this rank wrote it (dp rank 0).
+def write_dp_sharded_model_file(path: str, params: list, buffers: list, ctx) -> bool:
+    """Write the local TP tensors of the dp-sharded parameters ``params`` and the ``buffers`` (``(name, tensor)``
+    lists) to the safetensors file ``path``; collective over dp (every dp rank passes the same ``params``).
+    Returns whether this rank wrote it (dp rank 0).
 
     A failed write on dp rank 0 (disk full) is raised after the last all-gather, so the other dp
     ranks are never left waiting in one.
     """
     if sys.byteorder != "little":
         raise RuntimeError("safetensors stores little-endian data; this host is big-endian")
-    params = list(model.named_parameters())
-    extra = list(persistent_buffers(model)) if buffers else []
+    params, extra = list(params), list(buffers)
     writer = ctx.dp_rank == 0
     error, f = None, None
     if writer:

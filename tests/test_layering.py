@@ -36,7 +36,7 @@ LAYERS = {
     "zero": "zero",
     "checkpoint": "checkpoint",
     "loading": "loading",
-    "memory": "memory", "memory_trace": "memory",
+    "memory": "memory", "memory_trace": "memory", "memory_theory": "memory",
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
     "trl": "trainer",
     "extras": "extras",

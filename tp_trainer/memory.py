@@ -72,6 +72,7 @@ class MemoryEstimate:
     seq: int
     device: str
     checkpointing: bool     # activation checkpointing: each decoder layer's forward recomputed in backward
+    sequence_parallel: bool  # activations between the TP regions split along the sequence (parallel/sequence.py)
     total_params: int       # elements of the unsharded model
     local_params: int       # P: elements one TP rank holds
     params: int
@@ -101,14 +102,15 @@ class MemoryEstimate:
                 ("peak of a training step", self.peak)]
         head = (f"{self.model_type}: {self.total_params / 1e9:.2f} B parameters; tp={self.tp} dp={self.dp} "
                 f"zero={self.zero} {self.dtype} on {self.device}, micro-batch {self.batch} x {self.seq} per rank"
-                f"{', activation checkpointing' if self.checkpointing else ''}; "
+                f"{', activation checkpointing' if self.checkpointing else ''}"
+                f"{', sequence parallel' if self.sequence_parallel else ''}; "
                 f"{self.local_params / 1e9:.3f} B parameters on each rank")
         lines = [head] + [f"  {name:<34}{value / scale:>9.2f} {unit}" for name, value in rows]
         return "\n".join(lines)
 
 
 def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda", checkpointing: bool = False,
-                        cpu_kernels: str = "auto"):
+                        cpu_kernels: str = "auto", sequence_parallel: bool = False):
     from transformers import AutoModelForCausalLM
 
     from .parallel.attention import use_cpu_attention
@@ -125,7 +127,7 @@ def _sharded_meta_model(config, tp: int, dtype: torch.dtype, device: str = "cuda
     kernels = choose_kernels(device, "gloo" if device == "cpu" else "nccl", cpu_kernels).granted(shm_all_reduce=tp > 1)
     context = ParallelContext(tp_size=tp, tp_rank=0, tp_group=simulated_group(tp) if tp > 1 else None,
                               device=torch.device(device), kernels=kernels)
-    apply_tensor_parallel(model, plan_tensor_parallel(model, tp), context)
+    apply_tensor_parallel(model, plan_tensor_parallel(model, tp), context, sequence_parallel=sequence_parallel)
     if not (kernels.cpu_attention and use_cpu_attention(model)):
         _use_fused_attention_memory(model)
     if checkpointing:  # what --activation_checkpointing does, with the Trainer's default (non-reentrant)
@@ -280,11 +282,8 @@ def _no_packed_sequences():
         masking_utils.find_packed_sequence_indices = find
 
 
-def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
-                    device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False,
-                    cpu_kernels: str = "auto") -> MemoryEstimate:
-    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring),
-    with the kernels of ``--cpu_kernels cpu_kernels``."""
+def _check_layout(*, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int, device: str,
+                  cpu_kernels: str) -> None:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if zero not in (0, 1, 2):
@@ -294,29 +293,153 @@ def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: i
     if tp < 1 or dp < 1 or batch < 1 or seq < 1:
         raise ValueError(f"tp, dp, batch and seq must be >= 1, got tp={tp} dp={dp} batch={batch} seq={seq}")
     check_cpu_kernels(cpu_kernels)
-    from transformers import AutoModelForCausalLM
 
-    b = DTYPE_BYTES[dtype]
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    with torch.device("meta"):
-        total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch_dtype).parameters())
-    model = _sharded_meta_model(config, tp, torch_dtype, device, checkpointing, cpu_kernels)
-    numels = [p.numel() for p in model.parameters() if p.requires_grad]
-    local = sum(p.numel() for p in model.parameters())
-    if zero == 0:
-        grads = local * b + (4 * local if b != 4 else 0)
-        optimizer = 4 * ADAM_STATES * local + (4 * local if b != 4 else 0)
-        flat_grad_shard = 0
-    else:
-        shard = bucket_shard_numel(numels, dp, bucket_numel)
-        flat_grad_shard = 4 * shard
-        grads = (local * b if zero == 1 else 0) + flat_grad_shard
-        optimizer = 4 * (1 + ADAM_STATES) * shard
-    activations, step_peak = simulate_step(model, batch=batch, seq=seq, zero=zero, dp=dp, bucket_numel=bucket_numel)
-    return MemoryEstimate(model_type=config.model_type, tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq,
-                          device=device, checkpointing=checkpointing, total_params=total_params, local_params=local,
-                          params=local * b, grads=grads, optimizer=optimizer, activations=activations,
-                          persistent=local * b + optimizer + flat_grad_shard, step_peak=step_peak)
+
+class _Layout:
+    """One sharded meta model and its persistent states, from which steps of any ``(batch, seq)`` are simulated."""
+
+    def __init__(self, config, *, tp: int, dp: int, zero: int, dtype: str, device: str, bucket_numel: int,
+                 checkpointing: bool, cpu_kernels: str, sequence_parallel: bool):
+        from transformers import AutoModelForCausalLM
+
+        self.config, self.tp, self.dp, self.zero, self.dtype = config, tp, dp, zero, dtype
+        self.device, self.bucket_numel, self.checkpointing = device, bucket_numel, checkpointing
+        self.sequence_parallel = sequence_parallel and tp > 1
+        b = DTYPE_BYTES[dtype]
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        self.total_params = sum(p.numel() for p in full.parameters())
+        del full
+        self.model = _sharded_meta_model(config, tp, torch_dtype, device, checkpointing, cpu_kernels,
+                                         self.sequence_parallel)
+        numels = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        local = self.local = sum(p.numel() for p in self.model.parameters())
+        if zero == 0:
+            self.grads = local * b + (4 * local if b != 4 else 0)
+            self.optimizer = 4 * ADAM_STATES * local + (4 * local if b != 4 else 0)
+            flat_grad_shard = 0
+        else:
+            shard = bucket_shard_numel(numels, dp, bucket_numel)
+            flat_grad_shard = 4 * shard
+            self.grads = (local * b if zero == 1 else 0) + flat_grad_shard
+            self.optimizer = 4 * (1 + ADAM_STATES) * shard
+        self.params = local * b
+        self.persistent = self.params + self.optimizer + flat_grad_shard
+
+    def step(self, batch: int, seq: int) -> tuple[int, int]:
+        """``(activations, step peak on top of the persistent states)`` of one simulated step."""
+        return simulate_step(self.model, batch=batch, seq=seq, zero=self.zero, dp=self.dp,
+                             bucket_numel=self.bucket_numel)
+
+    def estimate(self, batch: int, seq: int) -> MemoryEstimate:
+        activations, step_peak = self.step(batch, seq)
+        return MemoryEstimate(model_type=self.config.model_type, tp=self.tp, dp=self.dp, zero=self.zero,
+                              dtype=self.dtype, batch=batch, seq=seq, device=self.device,
+                              checkpointing=self.checkpointing, sequence_parallel=self.sequence_parallel,
+                              total_params=self.total_params, local_params=self.local, params=self.params,
+                              grads=self.grads, optimizer=self.optimizer, activations=activations,
+                              persistent=self.persistent, step_peak=step_peak)
+
+
+def estimate_memory(config, *, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: int,
+                    device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False,
+                    cpu_kernels: str = "auto", sequence_parallel: bool = False) -> MemoryEstimate:
+    """Per-rank memory of training ``config`` at ``tp x dp`` with ZeRO ``zero`` on ``device`` (module docstring),
+    with the kernels of ``--cpu_kernels cpu_kernels``, with or without sequence parallelism."""
+    _check_layout(tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq, device=device, cpu_kernels=cpu_kernels)
+    return _Layout(config, tp=tp, dp=dp, zero=zero, dtype=dtype, device=device, bucket_numel=bucket_numel,
+                   checkpointing=checkpointing, cpu_kernels=cpu_kernels,
+                   sequence_parallel=sequence_parallel).estimate(batch, seq)
+
+
+@dataclass
+class Fit:
+    """What fits a per-rank ``budget`` (bytes) in one layout: the longest sequence at ``batch`` (a multiple
+    of ``seq_step``; 0: not even ``seq_step`` tokens) and the largest micro-batch at ``seq`` (0: not one),
+    each with its simulated estimate (``None`` when nothing fits)."""
+
+    budget: int
+    batch: int
+    seq: int
+    seq_step: int
+    persistent: int
+    longest_seq: int
+    at_longest_seq: MemoryEstimate | None
+    largest_batch: int
+    at_largest_batch: MemoryEstimate | None
+
+
+def fit_memory(config, budget: int, *, tp: int, dp: int, zero: int, dtype: str, batch: int = 1, seq: int = 4096,
+               device: str = "cuda", bucket_numel: int = 2**24, checkpointing: bool = False,
+               cpu_kernels: str = "auto", sequence_parallel: bool = False, seq_step: int = 256,
+               max_seq: int = 2**20, max_batch: int = 2**12) -> Fit:
+    """The longest sequence (at micro-batch ``batch``) and the largest micro-batch (at ``seq`` tokens) whose
+    simulated peak fits ``budget`` bytes per rank. The peak grows with both (linearly with fused attention,
+    the saved probabilities of an eager one add ``seq^2``): each answer is bracketed on its grid and found
+    by interpolation inside the bracket (bisection when that stalls), a handful of simulated steps of one
+    sharded meta model."""
+    _check_layout(tp=tp, dp=dp, zero=zero, dtype=dtype, batch=batch, seq=seq, device=device, cpu_kernels=cpu_kernels)
+    if budget <= 0 or seq_step < 1:
+        raise ValueError(f"the budget and seq_step must be positive, got budget={budget} seq_step={seq_step}")
+    layout = _Layout(config, tp=tp, dp=dp, zero=zero, dtype=dtype, device=device, bucket_numel=bucket_numel,
+                     checkpointing=checkpointing, cpu_kernels=cpu_kernels, sequence_parallel=sequence_parallel)
+    estimates: dict[tuple[int, int], MemoryEstimate] = {}
+
+    def peak(b: int, s: int) -> int:
+        if (b, s) not in estimates:
+            estimates[(b, s)] = layout.estimate(b, s)
+        return estimates[(b, s)].peak
+
+    longest = _largest(lambda k: peak(batch, k * seq_step), budget, max_seq // seq_step,
+                       max(1, seq // seq_step)) * seq_step
+    largest = _largest(lambda b: peak(b, seq), budget, max_batch, batch)
+    return Fit(budget=budget, batch=batch, seq=seq, seq_step=seq_step, persistent=layout.persistent,
+               longest_seq=longest, at_longest_seq=estimates.get((batch, longest)), largest_batch=largest,
+               at_largest_batch=estimates.get((largest, seq)))
+
+
+def _largest(peak_of, budget: int, limit: int, start: int) -> int:
+    """The largest ``k`` in ``[1, limit]`` with ``peak_of(k) <= budget`` (0 if none), for a ``peak_of`` that grows
+    with ``k``. From ``start``, each next ``k`` is where the line through the last two points meets the budget
+    (doubling or halving before there are two), until a bracket ``[lo fits, hi does not]`` with ``hi = lo + 1``;
+    inside the bracket it interpolates, and bisects when an end stays put twice (a convex peak)."""
+    seen: dict[int, int] = {}
+
+    def fits(k: int) -> bool:
+        if k not in seen:
+            seen[k] = peak_of(k)
+        return seen[k] <= budget
+
+    def crossing(default: int) -> int:
+        (k1, p1), (k2, p2) = sorted(seen.items())[-2:] if len(seen) > 1 else ((0, 0), (default, -1))
+        if len(seen) < 2 or p2 <= p1:
+            return default
+        return int(k2 + (budget - p2) * (k2 - k1) / (p2 - p1))
+
+    k = min(max(start, 1), limit)
+    lo, hi = (k, None) if fits(k) else (0, k)
+    while hi is None:  # grow upwards
+        if lo >= limit:
+            return lo
+        k = min(max(crossing(2 * lo), lo + 1), limit)
+        lo, hi = (k, None) if fits(k) else (lo, k)
+    while lo == 0:  # shrink downwards
+        if hi == 1:
+            return 0
+        k = min(max(crossing(hi // 2), 1), hi - 1)
+        lo, hi = (k, hi) if fits(k) else (0, k)
+    stalled = 0
+    while hi - lo > 1:
+        k = lo + int((budget - seen[lo]) * (hi - lo) / max(1, seen[hi] - seen[lo]))
+        k = (lo + hi) // 2 if stalled >= 2 else min(max(k, lo + 1), hi - 1)
+        if fits(k):
+            stalled = stalled + 1 if hi - k < k - lo else 0
+            lo = k
+        else:
+            stalled = stalled + 1 if k - lo < hi - k else 0
+            hi = k
+    return lo
 
 
 def _storage_bytes(tensors, seen: set) -> int:

@@ -105,7 +105,7 @@ class SequenceParallel:
         _check_3d(x, "a sequence-parallel activation")
         length = self.full_length(x.shape[SEQ_DIM])
         full = gather_from_sequence_parallel_region(x, self.group, dim=SEQ_DIM, replicated_grad=not reduce_grad)
-        return full if full.shape[SEQ_DIM] == length else full.narrow(SEQ_DIM, 0, length)
+        return _unpad(full, length)
 
     def reduce_scatter(self, y: torch.Tensor) -> torch.Tensor:
         """Row-parallel output: partial sums of all tokens -> this rank's tokens of the sum."""
@@ -125,8 +125,7 @@ class SequenceParallel:
         """The all-gather of a region entry again, outside autograd (a column layer's backward)."""
         if x.dim() == 2:
             return gather_along(x, self.group, 0)
-        full = gather_along(x, self.group, SEQ_DIM)
-        return full if full.shape[SEQ_DIM] == length else full.narrow(SEQ_DIM, 0, length)
+        return _unpad(gather_along(x, self.group, SEQ_DIM), length)
 
     def _check_full(self, y: torch.Tensor) -> None:
         _check_3d(y, "a row-parallel or region output")
@@ -134,6 +133,11 @@ class SequenceParallel:
             raise RuntimeError(f"sequence parallelism: an output of {y.shape[SEQ_DIM]} tokens in a forward of "
                                f"{self.seq_len}; with activation checkpointing, run each forward's backward before "
                                "the next forward of another sequence length")
+
+
+def _unpad(full: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of ``full``, contiguous (modeling code views hidden states)."""
+    return full if full.shape[SEQ_DIM] == length else full.narrow(SEQ_DIM, 0, length).contiguous()
 
 
 def _check_3d(x: torch.Tensor, what: str) -> None:

@@ -23,6 +23,7 @@ from ..parallel.sharding import block_spec, contiguous_spec
 from .experts import shard_fused_experts
 from .lora import adapt_lora_layers, shard_adapter
 from .plan import ADAPTER_STYLES, Plan, PlanEntry, Style
+from .sequence import apply_sequence_parallel, plan_sequence_parallel
 from .ties import TiedShards
 
 logger = logging.get_logger(__name__)
@@ -60,7 +61,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext, *,
-                          split_norms: bool | None = None) -> nn.Module:
+                          split_norms: bool | None = None, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` in place following ``plan`` on ``context.tp_comm``; returns ``model``.
 
     The kernels come from ``context.kernels`` (``parallel/kernels.py``): the replicated RMSNorms get
@@ -69,6 +70,10 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     (``parallel/norms.py``) where ``token_split_norms`` and the norms are 16-bit
     (``Kernels.splits_norms``). ``split_norms`` overrides the dtype rule (tests, plan validation);
     without the shared-memory transport the norms are never split.
+
+    ``sequence_parallel``: activations between the TP regions split along the sequence
+    (``planner/sequence.py``, planned and checked on meta before a weight is touched); it takes the
+    place of the token-split norms.
     """
     if plan.tp_size != context.tp_size:
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
@@ -78,6 +83,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         if kernels.fused_rmsnorm:
             _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model
+    seq_plan = plan_sequence_parallel(model, plan) if sequence_parallel else None
     group = context.tp_comm
     root = peft_base_model(model)[1]  # a PEFT model's inner HF model holds the embeddings and calls the loss
     emb_in = root.get_input_embeddings()
@@ -152,13 +158,15 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     replicated_norms = _replicated_token_norms(plan, modules)
     if kernels.fused_rmsnorm:
         _fuse_rms_norms(modules, replicated_norms)
-    if kernels.token_split_norms:  # cheap all-gathers: split the replicated norms' tokens
+    if kernels.token_split_norms and seq_plan is None:  # cheap all-gathers: split the replicated norms' tokens
         if split_norms is None:
             split_norms = kernels.splits_norms(_norms_dtype([modules[name] for name in replicated_norms], model))
         split = replicated_norms if split_norms else []
         for name in split:
             split_norm_over_tokens(modules[name], group, context.tp_size)
         logger.debug(f"{len(split)} replicated norms computed on 1/{context.tp_size} of the tokens per rank: {split}")
+    if seq_plan is not None:
+        apply_sequence_parallel(model, seq_plan, context)
     model.tp_plan_applied = plan
     return model
 

@@ -94,7 +94,7 @@ class SequencePlan:
         rows: dict[tuple, int] = {}
         for r in self.regions:
             key = (_collapse(", ".join(r.entries)), "reduce-scatter" if r.reduce else "replicate",
-                   _collapse(", ".join(r.writers if r.reduce else r.exits)), r.reason)
+                   _collapse(", ".join(r.writers if r.reduce else r.exits)), _collapse(r.reason))
             rows[key] = rows.get(key, 0) + 1
         lines = [self.summary(), f"  split: input of {self.entry}; gathered: output of {self.exit}"]
         for (entry, mode, where, reason), n in rows.items():
@@ -331,7 +331,7 @@ def _meta_step(twin: nn.Module, plan: Plan, seq: SequencePlan) -> dict[tuple, se
     try:
         twin.train()
         with _meta_data_dependent_ops():
-            out = twin(**meta_inputs(twin, _check_length(seq), labels=True))
+            out = twin(**_batch_of_two(meta_inputs(twin, _check_length(seq), labels=True)))
         loss = getattr(out, "loss", None)
         if loss is None:
             loss = (out[0] if isinstance(out, tuple) else out.logits).float().sum()
@@ -342,7 +342,7 @@ def _meta_step(twin: nn.Module, plan: Plan, seq: SequencePlan) -> dict[tuple, se
         failure = tracker.failure(phase, err)
         raise SequenceParallelError(
             f"sequence parallelism cannot split {getattr(twin.config, 'model_type', type(twin).__name__)}: one training "
-            f"step of a meta-device twin (input_ids [1, {_check_length(seq)}]) failed in {phase} at "
+            f"step of a meta-device twin (input_ids [2, {_check_length(seq)}]) failed in {phase} at "
             f"{failure.module or 'the model'} ({failure.module_type}, inputs {failure.inputs}): "
             f"{type(err).__name__}: {err}. Train it without --sequence_parallel.") from None
     finally:
@@ -351,6 +351,12 @@ def _meta_step(twin: nn.Module, plan: Plan, seq: SequencePlan) -> dict[tuple, se
             h.remove()
     del sp
     return readers
+
+
+def _batch_of_two(inputs: dict) -> dict:
+    """``meta_inputs`` for a batch of 2 (a batch of 1 hides strides that only a real batch has)."""
+    return {k: v.expand(2, *v.shape[1:]).contiguous() if v.dim() and v.shape[0] == 1 else v
+            for k, v in inputs.items()}
 
 
 def _readers(loss: torch.Tensor, gathered: dict) -> dict[tuple, set[str]]:

@@ -90,6 +90,43 @@ def _counting_reads():
     return counter
 
 
+def _compare(loaded, full, plan, ctx, full_parameters) -> list[str]:
+    """Every difference between the shard-only model and the fully loaded then sharded one (empty: none)."""
+    mine = {tuple(names): t for names, t, _ in tensor_aliases(loaded)}
+    ref = {tuple(names): t for names, t, _ in tensor_aliases(full)}
+    problems = []
+    if set(mine) != set(ref):
+        problems.append(f"tensors (tied groups) differ: {sorted(set(mine) ^ set(ref))[:4]}")
+    for names in set(mine) & set(ref):
+        a, b = mine[names], ref[names]
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_bytes(a), _bytes(b)):
+            problems.append(f"{names[0]}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}, "
+                            f"equal bytes: {a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))}")
+        if getattr(a, "tp_spec", None) != getattr(b, "tp_spec", None):
+            problems.append(f"{names[0]}: tp_spec {getattr(a, 'tp_spec', None)} vs {getattr(b, 'tp_spec', None)}")
+        if a.device != ctx.device:
+            problems.append(f"{names[0]} is on {a.device}, not on the rank's device {ctx.device}")
+        if isinstance(a, torch.nn.Parameter) and a.requires_grad != b.requires_grad:
+            problems.append(f"{names[0]}: requires_grad {a.requires_grad} vs {b.requires_grad}")
+    state = sharded_state(loaded, tp_size=ctx.tp_size)
+    if state is None or state.context is not ctx or state.full_parameters != full_parameters:
+        problems.append(f"marker: {state and (state.context is ctx, state.full_parameters)} vs {full_parameters}")
+    for what in ("entries", "patches", "param_counts", "warnings"):
+        if getattr(state.plan, what) != getattr(plan, what):
+            problems.append(f"plan {what} differ")
+    return problems
+
+
+def _load_both(path, cls, ctx, **kwargs):
+    """``(shard-only model, reference model, reference plan, unsharded parameter count)``."""
+    loaded = from_pretrained(path, context=ctx, model_class=cls, **kwargs)
+    full = cls.from_pretrained(path, **kwargs)
+    full_parameters = sum(p.numel() for p in full.parameters())
+    plan = plan_tensor_parallel(full, ctx.tp_size)
+    apply_tensor_parallel(full, plan, ctx)
+    return loaded, full, plan, full_parameters
+
+
 def _parity_worker(checkpoints):
     ctx = ParallelContext.from_environment(2)
     reads = _counting_reads()
@@ -103,28 +140,7 @@ def _parity_worker(checkpoints):
         full_parameters = sum(p.numel() for p in full.parameters())
         plan = plan_tensor_parallel(full, 2)
         apply_tensor_parallel(full, plan, ctx)
-        mine = {tuple(names): t for names, t, _ in tensor_aliases(loaded)}
-        ref = {tuple(names): t for names, t, _ in tensor_aliases(full)}
-        problems = []
-        if set(mine) != set(ref):
-            problems.append(f"tensors (tied groups) differ: {sorted(set(mine) ^ set(ref))[:4]}")
-        for names in set(mine) & set(ref):
-            a, b = mine[names], ref[names]
-            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_bytes(a), _bytes(b)):
-                problems.append(f"{names[0]}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}, "
-                                f"equal bytes: {a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))}")
-            if getattr(a, "tp_spec", None) != getattr(b, "tp_spec", None):
-                problems.append(f"{names[0]}: tp_spec {getattr(a, 'tp_spec', None)} vs {getattr(b, 'tp_spec', None)}")
-            if a.device != ctx.device:
-                problems.append(f"{names[0]} is on {a.device}, not on the rank's device {ctx.device}")
-            if isinstance(a, torch.nn.Parameter) and a.requires_grad != b.requires_grad:
-                problems.append(f"{names[0]}: requires_grad {a.requires_grad} vs {b.requires_grad}")
-        state = sharded_state(loaded, tp_size=2)
-        if state is None or state.context is not ctx or state.full_parameters != full_parameters:
-            problems.append(f"marker: {state and (state.context is ctx, state.full_parameters)} vs {full_parameters}")
-        for what in ("entries", "patches", "param_counts", "warnings"):
-            if getattr(state.plan, what) != getattr(plan, what):
-                problems.append(f"plan {what} differ")
+        problems = _compare(loaded, full, plan, ctx, full_parameters)
         # the bytes read from the files: exactly the checkpoint tensors this rank holds (no vocabulary padding
         # in these models; tied tensors once; non-persistent buffers computed, not read)
         persistent = set(loaded.state_dict(keep_vars=True))
@@ -330,3 +346,113 @@ def test_dtype_config_overrides_and_the_marker_follow_from_pretrained(llama_dir)
     assert sharded_state(ref) is None
     with pytest.raises(LoadError, match="loaded by tp_trainer.from_pretrained for tp_size=1, but tp_size=2"):
         sharded_state(mine, tp_size=2)
+
+
+# ------------------------------------------------------------------------------------ key renaming and conversions
+QKV = "model.layers.{}.self_attn.qkv_proj.weight"
+DOWN_T = "model.layers.{}.mlp.down_proj_t.weight"
+
+
+def _register_llama_conversions():
+    """A checkpoint layout transformers converts on load: q/k/v fused in one tensor (``Chunk``: one source, three
+    targets, no lazy form) and ``down_proj`` stored transposed (``Transpose``: read lazily, the box transposed)."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Chunk, Transpose, WeightConverter
+
+    register_checkpoint_conversion_mapping("LlamaForCausalLM", [
+        WeightConverter("self_attn.qkv_proj.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                      "self_attn.v_proj.weight"], operations=[Chunk(dim=0)]),
+        WeightConverter("mlp.down_proj_t.weight", "mlp.down_proj.weight", operations=[Transpose(0, 1)]),
+    ], overwrite=True)
+
+
+def _conversion_worker(items):
+    ctx = ParallelContext.from_environment(2)
+    report = {}
+    for name, path, cls_name, kwargs in items:
+        if name == "llama_converted":
+            _register_llama_conversions()  # in this process only: both loaders see it
+        loaded, full, plan, count = _load_both(path, getattr(T, cls_name), ctx, **kwargs)
+        report[name] = _compare(loaded, full, plan, ctx, count)
+    return report
+
+
+def test_renamed_legacy_and_converted_checkpoints_load_as_transformers_loads_them(tmp_path):
+    """``key_mapping``, legacy ``gamma``/``beta`` names, and conversions with (``Transpose``) and without
+    (``Chunk``) a lazy form: the same tensors as transformers' from_pretrained + apply_tensor_parallel."""
+    mapped = str(tmp_path / "mapped")
+    tiny_model("llama").save_pretrained(mapped)
+    _rewrite(mapped, lambda t: t.update({k.replace("model.", "backbone.", 1): t.pop(k) for k in list(t)
+                                         if k.startswith("model.")}))
+    legacy = str(tmp_path / "legacy")
+    tiny_encoder("bert_mlm").save_pretrained(legacy)
+    _rewrite(legacy, lambda t: t.update({k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                                         .replace("LayerNorm.bias", "LayerNorm.beta"): t.pop(k) for k in list(t)
+                                         if "LayerNorm." in k}))
+    converted = str(tmp_path / "converted")
+    tiny_model("llama", num_key_value_heads=4).save_pretrained(converted)  # MHA: q, k, v chunk evenly
+
+    def fuse(t):
+        for i in range(2):
+            parts = [t.pop(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"]
+            t[QKV.format(i)] = torch.cat(parts)
+            t[DOWN_T.format(i)] = t.pop(f"model.layers.{i}.mlp.down_proj.weight").t().contiguous()
+    _rewrite(converted, fuse)
+    assert "backbone.layers.0.mlp.up_proj.weight" in load_file(os.path.join(mapped, "model.safetensors"))
+    assert any("LayerNorm.gamma" in k for k in load_file(os.path.join(legacy, "model.safetensors")))
+    items = [("llama_key_mapping", mapped, "AutoModelForCausalLM", {"key_mapping": {r"^backbone\.": "model."}}),
+             ("bert_legacy_names", legacy, "BertForMaskedLM", {}),
+             ("llama_converted", converted, "AutoModelForCausalLM", {})]
+    for rank, report in enumerate(run_distributed(_conversion_worker, 2, items)):
+        assert set(report) == {name for name, *_ in items}
+        for name, problems in report.items():
+            assert problems == [], f"rank {rank}, {name}: {problems}"
+
+
+def _expression_kinds(mixtral, converted):
+    from tp_trainer.loading.build import build_meta_model
+    from tp_trainer.loading.keys import map_sources
+
+    out = {}
+    for path in (mixtral, converted):
+        if path == converted:
+            _register_llama_conversions()  # in this spawned process only
+        files = SafetensorsDir(path)
+        model, _ = build_meta_model(path, files, {})
+        out[path] = ({n: _describe(src) for n, src in map_sources(model, files).sources.items()},
+                     {n: tuple(p.shape) for n, p in model.named_parameters()})
+    return out
+
+
+def _describe(src) -> tuple:
+    """A source expression as nested tuples ``(kind, dim, shape, keys, children)`` (picklable)."""
+    children = getattr(src, "items", None) or ([src.item] if hasattr(src, "item") else [])
+    return (type(src).__name__, getattr(src, "dim", None), tuple(src.shape), tuple(src.keys()),
+            tuple(_describe(c) for c in children))
+
+
+def test_conversions_are_read_lazily_where_they_can_be(tmp_path):
+    """Which expression each converted tensor gets: the MoE experts (stacked in expert order, gate and up
+    concatenated) and a transposition are read box by box; a chunked fused tensor is read whole (the one
+    case that costs its full sources)."""
+    mixtral, converted = str(tmp_path / "mixtral"), str(tmp_path / "converted")
+    _moe("mixtral").save_pretrained(mixtral)
+    tiny_model("llama", num_key_value_heads=4).save_pretrained(converted)
+    _rewrite(converted, lambda t: t.update({QKV.format(0): torch.cat([t.pop(f"model.layers.0.self_attn.{p}_proj.weight")
+                                                                       for p in "qkv"]),
+                                            DOWN_T.format(0): t.pop("model.layers.0.mlp.down_proj.weight").t()
+                                            .contiguous()}))
+    (kinds,) = run_distributed(_expression_kinds, 1, mixtral, converted)
+    sources, shapes = kinds[mixtral]
+    kind, dim, shape, keys, items = sources["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (kind, dim) == ("Cat", 1) and shape == shapes["model.layers.1.mlp.experts.gate_up_proj"]
+    assert [(i[0], len(i[4])) for i in items] == [("Stack", 4), ("Stack", 4)]
+    assert items[0][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight" for e in range(4))
+    assert items[1][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight" for e in range(4))
+    kind, _, shape, _, items = sources["model.layers.1.mlp.experts.down_proj"]
+    assert kind == "Stack" and len(items) == 4 and shape == shapes["model.layers.1.mlp.experts.down_proj"]
+    sources, _ = kinds[converted]
+    assert sources["model.layers.0.mlp.down_proj.weight"][0] == "Transposed"
+    for p in "qkv":
+        kind, _, shape, keys, _ = sources[f"model.layers.0.self_attn.{p}_proj.weight"]
+        assert (kind, shape, keys) == ("Converted", (64, 64), (QKV.format(0),))

@@ -31,22 +31,27 @@ from models import tiny_model
 
 pytestmark = pytest.mark.cpu_only(reason="the worlds run on CPU batches with use_cpu=True; not device-agnostic yet")
 
-TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           "gpt2": ["c_attn", "c_proj", "c_fc"],
-           "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+# case -> (family, LoRA target modules): every projection, fused ones included, and the input embedding
+CASES = {"llama": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+         "gpt2": ("gpt2", ["c_attn", "c_proj", "c_fc"]),
+         "phi3": ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+         "llama_embedding": ("llama", ["embed_tokens", "q_proj", "o_proj"]),
+         "llama_dropout": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+DROPOUT = {"llama_dropout": 0.25}  # the adapters' dropout masks must be the unsharded model's (CPU dropout)
 RANK, ALPHA = 4, 8
 IDS = torch.tensor([[5, 17, 42, 8, 77, 3, 60, 21, 11, 30], [9, 9, 31, 64, 2, 90, 14, 50, 7, 88]])
 STEPS, SAVE_AT = 6, 3
 
 
-def lora_model(family, *, random_b=False, modules_to_save=None):
+def lora_model(case, *, random_b=False, modules_to_save=None):
     """Seeded base + seeded adapters; ``random_b``: B initialised randomly too (PEFT's default B = 0 would make
     the first step's A gradient zero, hiding its TP sum)."""
     from peft import LoraConfig, get_peft_model
 
+    family, targets = CASES[case]
     base = tiny_model(family)
     torch.manual_seed(1)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS[family],
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT.get(case, 0.0), target_modules=targets,
                         init_lora_weights=not random_b, fan_in_fan_out=family == "gpt2",
                         modules_to_save=modules_to_save)
     return get_peft_model(base, config)
@@ -57,14 +62,14 @@ def test_base_layers_are_planned_as_in_the_unwrapped_model():
     from tp_trainer import plan_tensor_parallel
     from tp_trainer.planner import Style
 
-    for family in TARGETS:
+    for case, (family, _) in CASES.items():
         plain = plan_tensor_parallel(tiny_model(family), 2)
-        plan = plan_tensor_parallel(lora_model(family), 2)
+        plan = plan_tensor_parallel(lora_model(case), 2)
         wrapped = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): e for n, e in plan.entries.items()
                    if "lora_" not in n}
-        assert wrapped.keys() == plain.entries.keys(), family
+        assert wrapped.keys() == plain.entries.keys(), case
         for name, entry in plain.entries.items():
-            assert (wrapped[name].style, wrapped[name].blocks) == (entry.style, entry.blocks), (family, name)
+            assert (wrapped[name].style, wrapped[name].blocks) == (entry.style, entry.blocks), (case, name)
         assert {n.removeprefix("base_model.model.") for n in plan.patches} == set(plain.patches)
         for name, entry in plan.entries.items():  # the adapters: sliced like their base, per the rules
             if ".lora_A." not in name:
@@ -75,6 +80,9 @@ def test_base_layers_are_planned_as_in_the_unwrapped_model():
                         Style.ROWWISE: (Style.ADAPTER_ROWWISE, Style.REPLICATED_GRAD_SUM)}[base.style]
             assert (a.style, b.style) == expected, name
             assert (b if base.style == Style.COLWISE else a).blocks == base.blocks, name  # fused blocks followed
+        for name, entry in plan.entries.items():  # an embedding's adapters: whole on every rank
+            if ".lora_embedding_" in name:
+                assert entry.style == Style.REPLICATED, name
         assert plan.entries["base_model.model.lm_head"].style == Style.LM_HEAD  # the vocab-parallel loss is kept
         assert "adapter_colwise" in plan.table() and "lora" in plan.summary()
 
@@ -141,14 +149,14 @@ def step_world(out_dir):
     from tp_trainer.parallel.context import ParallelContext
     from tp_trainer.parallel.gather import gather_full
     from tp_trainer.parallel.grads import sync_partial_tp_grads
-    from tp_trainer.planner.model_info import is_linear, layer_lists
 
     ctx = ParallelContext.from_environment(2, use_cpu=True)
     counter = _count_all_reduces()
     results = {}
-    for family in TARGETS:
-        model = _sharded(lora_model(family, random_b=True), ctx).train()
+    for case, (family, targets) in CASES.items():
+        model = _sharded(lora_model(case, random_b=True), ctx).train()
         counter["n"] = 0
+        torch.manual_seed(2)  # the dropout masks
         loss = model(input_ids=IDS, labels=IDS).loss
         loss.backward()
         lora_reduces = counter["n"]
@@ -159,14 +167,12 @@ def step_world(out_dir):
                 grads[name] = gather_full(p.grad, getattr(p, "tp_spec", None), ctx.tp_group).clone()
             elif p.grad is not None:
                 frozen_with_grad.append(name)
-        # the same model without adapters, trainable in its blocks' linears only (where the adapters are, so that
-        # the same activations require gradients): the LoRA step must issue exactly its collectives
+        # the same model without adapters, trainable in the modules LoRA targets only (so that the same
+        # activations require gradients): the LoRA step must issue exactly its collectives
         plain = tiny_model(family)
-        blocks = layer_lists(plain)
         for name, mod in plain.named_modules():
-            trainable = is_linear(mod) and any(name.startswith(b + ".") for b in blocks)
             for p in mod.parameters(recurse=False):
-                p.requires_grad_(trainable)
+                p.requires_grad_(name.rsplit(".", 1)[-1] in targets)
         plain = _sharded(plain, ctx).train()
         counter["n"] = 0
         plain(input_ids=IDS, labels=IDS).loss.backward()
@@ -174,8 +180,8 @@ def step_world(out_dir):
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=IDS).logits
-        save_model(model, f"{out_dir}/{family}", context=ctx, dtype=torch.float32, is_main=ctx.rank == 0)
-        results[family] = {"loss": loss.detach(), "grads": grads, "frozen_with_grad": frozen_with_grad,
+        save_model(model, f"{out_dir}/{case}", context=ctx, dtype=torch.float32, is_main=ctx.rank == 0)
+        results[case] = {"loss": loss.detach(), "grads": grads, "frozen_with_grad": frozen_with_grad,
                            "all_reduces": (lora_reduces, plain_reduces), "logits": logits}
     return results
 
@@ -186,16 +192,17 @@ def one_step(tmp_path_factory):
     return out, run_distributed(step_world, 2, out)
 
 
-@pytest.mark.parametrize("family", sorted(TARGETS))
-def test_tp2_step_equals_single_process_peft(one_step, family):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tp2_step_equals_single_process_peft(one_step, case):
     _, ranks = one_step
-    ref = lora_model(family, random_b=True).train()
+    ref = lora_model(case, random_b=True).train()
+    torch.manual_seed(2)
     loss = ref(input_ids=IDS, labels=IDS).loss
     loss.backward()
     want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert all(p.grad is None for p in ref.parameters() if not p.requires_grad)
     for rank in ranks:
-        got = rank[family]
+        got = rank[case]
         assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
         assert got["grads"].keys() == want.keys()
         for name, grad in want.items():
@@ -206,21 +213,22 @@ def test_tp2_step_equals_single_process_peft(one_step, family):
         assert lora_reduces == plain_reduces > 0, "the adapters must ride on the base layers' collectives"
 
 
-@pytest.mark.parametrize("family", sorted(TARGETS))
-def test_adapter_directory_loads_with_peft_and_gives_the_tp_logits(one_step, family):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_directory_loads_with_peft_and_gives_the_tp_logits(one_step, case):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
     out, ranks = one_step
-    directory = f"{out}/{family}"
+    family = CASES[case][0]
+    directory = f"{out}/{case}"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(directory))
     saved = load_file(f"{directory}/adapter_model.safetensors")
-    assert saved.keys() == get_peft_model_state_dict(lora_model(family)).keys()  # PEFT's own naming
+    assert saved.keys() == get_peft_model_state_dict(lora_model(case)).keys()  # PEFT's own naming
     loaded = PeftModel.from_pretrained(tiny_model(family), directory).eval()  # same seeded base weights
     with torch.no_grad():
         logits = loaded(input_ids=IDS).logits
     for rank in ranks:
-        torch.testing.assert_close(rank[family]["logits"], logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(rank[case]["logits"], logits, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------- TPTrainer end to end

@@ -20,13 +20,16 @@ in fp32 before the one cast to the export dtype.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
+import torch.nn as nn
 from transformers.utils import logging
 
 from ..parallel.gather import gather_full
+from ..parallel.layers import VocabParallelEmbedding
 from ..parallel.lora import is_peft_model
 from .layout import CheckpointError
 
@@ -48,13 +51,43 @@ def _adapter_tensor_names(model) -> list[str]:
     local = model.state_dict()
     key_of = {id(v): k for k, v in local.items()}
     picked: set[str] = set()
-    for adapter in model.peft_config:
-        selected = get_peft_model_state_dict(model, state_dict=local, adapter_name=adapter)
-        for renamed, value in selected.items():
-            if id(value) not in key_of:
-                raise RuntimeError(f"peft returned a new tensor for {renamed!r}: cannot tell which parameter to gather")
-            picked.add(key_of[id(value)])
+    with _unsharded_embedding_types(model):
+        for adapter in model.peft_config:
+            selected = get_peft_model_state_dict(model, state_dict=local, adapter_name=adapter)
+            for renamed, value in selected.items():
+                if id(value) not in key_of:
+                    raise RuntimeError(f"peft returned a new tensor for {renamed!r}: cannot tell which parameter "
+                                       "to gather")
+                picked.add(key_of[id(value)])
     return [k for k in local if k in picked]
+
+
+@contextlib.contextmanager
+def _unsharded_embedding_types(model):
+    """While PEFT selects, the TP base layer of a LoRA-targeted input/output embedding shows as what it replaced.
+
+    PEFT saves a targeted embedding's base weight only when that base layer is an ``nn.Embedding`` or
+    ``nn.Linear`` (``has_valid_embedding_base_layer``); under TP it is a ``VocabParallelEmbedding``. A
+    parameter-free meta module of the original type and full shape stands in for the selection, which reads
+    names and types only (the values come from the state dict already taken)."""
+    swapped = []
+    embeddings = [getattr(model, "get_input_embeddings", lambda: None)(),
+                  getattr(model, "get_output_embeddings", lambda: None)()]
+    for layer in embeddings:
+        base = getattr(layer, "base_layer", None)
+        spec = getattr(getattr(base, "weight", None), "tp_spec", None)
+        if base is None or spec is None or isinstance(base, (nn.Embedding, nn.Linear)):
+            continue
+        rows, cols = spec.full_shape
+        stand_in = (nn.Embedding(rows, cols, device="meta") if isinstance(base, VocabParallelEmbedding)
+                    else nn.Linear(cols, rows, bias=False, device="meta"))
+        layer.base_layer = stand_in
+        swapped.append((layer, base))
+    try:
+        yield
+    finally:
+        for layer, base in swapped:
+            layer.base_layer = base
 
 
 @torch.no_grad()
@@ -76,7 +109,8 @@ def save_adapter(model, output_dir: str, *, context, processing_class=None, trai
     if not is_main:
         return
     logger.info(f"Saving the LoRA adapters ({len(full)} tensors, gathered) to {output_dir}")
-    model.save_pretrained(output_dir, state_dict=full, is_main_process=True)
+    with _unsharded_embedding_types(model):  # save_pretrained selects from ``full`` again, the same way
+        model.save_pretrained(output_dir, state_dict=full, is_main_process=True)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(output_dir)
     if training_args is not None:

@@ -8,7 +8,9 @@ Shapes, with ``tp`` ranks, input ``x: [..., d_in]``:
   same ``x`` (q/k/v, gate/up: ``mappings.copy_to_tp_region_once``). With ``gather_output`` the
   output is all-gathered.
 * :class:`RowParallelLinear`: ``W: [d_out, d_in/tp]``. ``y = g(x_local W_local^T) + b``; ``g``
-  all-reduces the partial products, the bias is added once after it.
+  all-reduces the partial products, the bias is added once after it. With ``reduce_output = False``
+  it returns the partial product and its owner calls :meth:`RowParallelLinear.reduce` once on the sum
+  with its own partial (a LoRA adapter, ``parallel/lora.py``).
 * :class:`VocabParallelEmbedding`: rows ``[r V/tp, (r+1) V/tp)``; ids outside the range look
   up zeros and ``g`` sums the ranks' partial embeddings.
 * :class:`ParallelLMHead`: a column-parallel linear over the vocabulary. In training mode it
@@ -161,9 +163,17 @@ class VocabParallelEmbedding(nn.Module):
         self.local_padding_idx = (padding_idx - self.vocab_start
                                   if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end else None)
         self.embed_scale = embed_scale  # Gemma3-style scaled embeddings keep their scale
+        # nn.Embedding's lookup options, which a LoRA embedding adapter (PEFT) reads from its base layer; this
+        # layer's own lookup supports none of them (from_module refuses them)
+        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
 
     @classmethod
     def from_module(cls, module: nn.Embedding, spec: ShardSpec, tp_group) -> "VocabParallelEmbedding":
+        options = {k: getattr(module, k, d) for k, d in (("max_norm", None), ("scale_grad_by_freq", False),
+                                                          ("sparse", False))}
+        if any(options.values()):
+            raise ValueError(f"a vocab-parallel embedding cannot apply nn.Embedding's {options}: the lookup is split "
+                             "over the TP ranks; keep this embedding replicated (tp_plan 'replicated')")
         w = sharded_parameter(module.weight, spec, module.weight.requires_grad)
         scale = getattr(module, "embed_scale", None)
         return cls(w, tp_group, num_embeddings=module.weight.shape[0], padding_idx=module.padding_idx,

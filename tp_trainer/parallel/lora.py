@@ -37,9 +37,12 @@ collective of their own** in forward or backward:
   splits a replicated input, a replicated linear, the vocab-parallel input embedding): the
   adapter runs whole on every rank, with identical gradients; nothing to change.
 
-Dropout: ``drop(x)`` of a replicated ``x`` draws the same mask on every TP rank (they share
-their RNG state), as any replicated dropout must; on the split input of a row-parallel base each
-rank masks its own columns with the same random stream (as dropout on split attention heads does).
+Dropout: ``drop(x)`` of a replicated ``x`` draws the same mask on every TP rank (they share their
+RNG state), as any replicated dropout must. On the split input ``x_r`` of a row-parallel base,
+:class:`SlicedInputDropout` draws the mask of the *full* input ``[..., d_in]`` and keeps this rank's
+columns: every rank consumes the same random numbers (their RNG states stay equal), the ranks'
+columns get independent masks, and on the CPU the masks are those of the unsharded model (torch's
+CPU dropout is ``x * bernoulli(1 - p) / (1 - p)`` over the input's elements in order).
 
 The helpers that recognise PEFT's modules (:func:`lora_layers`, :func:`saved_module_wrappers`,
 :func:`peft_base_model`) read peft's classes only when peft is already imported: a model cannot
@@ -124,13 +127,38 @@ def adapt_column_parallel(layer: nn.Module, tp_group) -> None:
         dropout.register_forward_pre_hook(shared_f)
 
 
+class SlicedInputDropout(nn.Module):
+    """Dropout of this rank's columns ``segments`` of an input split over TP, with the mask of the full
+    ``[..., full_width]`` input (see the module docstring)."""
+
+    def __init__(self, p: float, segments: tuple[tuple[int, int], ...], full_width: int):
+        super().__init__()
+        self.p, self.segments, self.full_width = p, tuple(segments), full_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        noise = x.new_empty(*x.shape[:-1], self.full_width).bernoulli_(1 - self.p)
+        mine = torch.cat([noise.narrow(-1, start, n) for start, n in self.segments], dim=-1)
+        return x * mine.div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, columns {list(self.segments)} of {self.full_width}"
+
+
 def adapt_row_parallel(layer: nn.Module) -> None:
     """Make a LoRA layer around a row-parallel base reduce once, after its adapters: the base returns its
     partial product, peft adds the adapters' partial ``s B A_r drop(x_r)``, and a forward hook on the layer
-    applies the base's ``g`` and bias to the sum (see the module docstring)."""
+    applies the base's ``g`` and bias to the sum (see the module docstring). A dropout on the adapters' split
+    input becomes a :class:`SlicedInputDropout` over the base's input columns."""
     base = layer.base_layer
     if not isinstance(base, RowParallelLinear):
         raise TypeError(f"adapt_row_parallel expects a RowParallelLinear base layer, got {type(base).__name__}")
+    spec = base.weight.tp_spec
+    for adapter, dropout in list(layer.lora_dropout.items()):
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            sliced = SlicedInputDropout(dropout.p, spec.local_segments, spec.full_shape[spec.dim])
+            layer.lora_dropout[adapter] = sliced.train(dropout.training)
     base.reduce_output = False
 
     def reduce(module, args, output):

@@ -12,6 +12,8 @@ is downloaded), then loads it in a fresh ``torchrun`` world of ``--tp`` processe
 * ``hf tp_plan``: transformers' native ``AutoModelForCausalLM.from_pretrained(dir, tp_plan="auto")``
   (DTensor parameters; its own plan, not tp_trainer's).
 
+All times and peaks are per rank, the slowest / highest rank shown.
+
 What is measured, per rank: the resident set size just before the load (``VmRSS``: the runtime's
 baseline, imports and process group included) and the kernel's peak resident set size during
 the load (``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs`` just before).
@@ -20,7 +22,10 @@ parameters may stay views of the mapping, so its pages count while mapped; tp_tr
 ``pread`` into memory it owns, which ``VmHWM`` counts the same way. A sampling thread (every 2 ms)
 also records the peak of ``RssAnon`` and ``RssFile`` apart, for the composition (a sample can miss
 a spike shorter than its period: these are lower bounds). ``peak added`` = ``VmHWM - VmRSS
-before``; ratio = peak added / the checkpoint's bytes. The weights each rank holds afterwards
+before``; ratio = peak added / the checkpoint's bytes. A parameter that is still a view of a file
+mapping has not been read yet (its pages come in on first use), so every method's weights are then
+touched once (one byte per 4 KiB page) and the peak is read again: ``weights touched`` is the
+cost of having the weights in memory. The weights each rank holds afterwards
 are hashed in name order: ``shard-only`` must give the same digest as ``full+shard``.
 """
 
@@ -133,10 +138,15 @@ def worker(args) -> None:
         error, model = f"{type(err).__name__}: {err}", None
     seconds = time.perf_counter() - start
     after = status()
+    result = {"rank": rank, "seconds": seconds, "rss_before": before["VmRSS"], "hwm": after["VmHWM"], "error": error}
+    if model is not None:  # a parameter may be a view of a file mapping not read yet: touch every page once
+        start = time.perf_counter()
+        for _, t in held_tensors(model):
+            flat = t.contiguous().view(-1).view(torch.uint8)
+            flat[::4096].sum()
+        result.update(touch_seconds=time.perf_counter() - start, hwm_touched=status()["VmHWM"])
     sampled = sampler.stop()
-    result = {"rank": rank, "seconds": seconds, "rss_before": before["VmRSS"], "hwm": after["VmHWM"],
-              "anon_peak": sampled["RssAnon"] - before["RssAnon"], "file_peak": sampled["RssFile"] - before["RssFile"],
-              "error": error}
+    result.update(anon_peak=sampled["RssAnon"] - before["RssAnon"], file_peak=sampled["RssFile"] - before["RssFile"])
     if model is not None:
         digest, held = hashlib.sha256(), 0
         for name, t in sorted(held_tensors(model), key=lambda item: item[0]):
@@ -187,9 +197,9 @@ def main():
     print(f"checkpoint: {total / 1e9:.2f} GB of bf16 tensors in {args.dir}; tp={args.tp}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     rows = {m: run_method(m, args) for m in args.methods.split(",")}
-    print(f"| method | time (s, slowest rank) | peak added per rank (GB, VmHWM - RSS before) | / checkpoint | "
-          f"sampled peak anon / file (GB) | held after (GB) | weights |")
-    print("|:---|---:|---:|---:|---:|---:|:---|")
+    print(f"| method | load (s) | + first touch (s) | peak added (GB) | / checkpoint | peak added, weights touched "
+          f"(GB) | / checkpoint | sampled peak anon / file (GB) | held (GB) | weights |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
     reference = rows.get("full+shard")
     for method, ranks in rows.items():
         errors = [r["error"] for r in ranks if r.get("error")]
@@ -197,10 +207,12 @@ def main():
             print(f"| {method} | failed: {errors[0]} | | | | | |")
             continue
         peak = max(r["hwm"] - r["rss_before"] for r in ranks)
+        touched = max(r["hwm_touched"] - r["rss_before"] for r in ranks)
         same = ("same as full+shard" if reference and all(a.get("digest") == b.get("digest")
                                                           for a, b in zip(ranks, reference))
                 else ("-" if method != "shard-only" else "DIFFERENT"))
-        print(f"| {method} | {max(r['seconds'] for r in ranks):.1f} | {peak / 1e9:.2f} | {peak / total:.2f} | "
+        print(f"| {method} | {max(r['seconds'] for r in ranks):.1f} | {max(r['touch_seconds'] for r in ranks):.1f} | "
+              f"{peak / 1e9:.2f} | {peak / total:.2f} | {touched / 1e9:.2f} | {touched / total:.2f} | "
               f"{max(r['anon_peak'] for r in ranks) / 1e9:.2f} / {max(r['file_peak'] for r in ranks) / 1e9:.2f} | "
               f"{max(r['held'] for r in ranks) / 1e9:.2f} | {same} |")
 

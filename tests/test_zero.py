@@ -104,3 +104,43 @@ def test_bucket_runs_keep_order_and_bound_size():
     assert bucket_runs([3, 4, 10, 2, 2], 6) == [[0], [1], [2], [3, 4]]  # 3 + 4 > 6; 10 goes alone
     assert bucket_runs([2, 2, 2], 6) == [[0, 1, 2]]
     assert bucket_runs([], 6) == []
+
+
+def _frozen_suite():
+    """A model with frozen weights (as PEFT LoRA leaves the base) handed whole to the optimizer template."""
+    ctx = ParallelContext.from_environment(1)
+    out = {}
+    for stage in (0, 1, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(ctx.device)
+        model[0].requires_grad_(False)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+        opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), ctx, stage=stage, bucket_numel=50)
+        g = torch.Generator().manual_seed(10 + ctx.dp_rank)
+        for _ in range(2):
+            model(torch.randn(6, 8, generator=g).to(ctx.device)).square().sum().backward()
+            opt.clip_grad_norm(1.0)
+            opt.step()
+            opt.zero_grad()
+        state_tensors = [t for s in opt.inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        out[stage] = {"numel": opt.local_numel(), "optimized": [id(p) for p in opt.params],
+                      "frozen_ids": [id(p) for p in model[0].parameters()],
+                      "trainable": sum(p.numel() for p in model[2].parameters()),
+                      "frozen_unchanged": all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen)),
+                      "frozen_grads": [p.grad is not None for p in model[0].parameters()],
+                      "state_numel": sum(t.numel() for t in state_tensors)}
+    return out
+
+
+def test_frozen_parameters_get_no_master_no_state_and_stay_unchanged():
+    """dp=2: the optimizer holds the trainable parameters only (the second linear: 64 + 4 elements), and two
+    AdamW moments of their fp32 masters: all of them at stage 0, at stages 1/2 this rank's half of each
+    bucket (buckets of <= 50 elements in reverse order: [bias 4], [weight 64] -> 2 + 32); frozen weights get
+    no gradient and never move."""
+    for rank in run_distributed(_frozen_suite, 2):
+        for stage, r in rank.items():
+            assert not set(r["optimized"]) & set(r["frozen_ids"]), stage
+            assert r["numel"]["params"] == r["trainable"] == 16 * 4 + 4, stage
+            share = r["trainable"] if stage == 0 else 4 // 2 + 64 // 2
+            assert r["numel"]["master"] == share and r["state_numel"] == 2 * share, stage
+            assert r["frozen_unchanged"] and r["frozen_grads"] == [False, False], stage

@@ -1,4 +1,4 @@
-"""A recipe: one YAML of ``TPTrainingArguments`` fields plus model, data and launch fields.
+"""A recipe: one YAML of training-argument fields plus model, data and launch fields.
 
 ``tp-trainer train RECIPE.yaml [--field value ...]`` parses the YAML and the command line with
 ONE ``HfArgumentParser`` over four dataclasses: the YAML values become the parser's defaults,
@@ -7,8 +7,14 @@ So any field may live in the file or on the command line, with the same names an
 
     tp-trainer train recipes/tiny-sft.yaml --max_steps 20 --tp_size 1 --zero_stage 1
 
-An unknown key in the YAML is an error naming it (with the closest known field), raised
-before any process is launched or any model is touched.
+``trainer`` (YAML or ``--trainer``) picks the job and with it the data and training dataclasses
+(:data:`TRAINERS`): ``sft`` (the default) trains ``TPTrainer`` on Alpaca data with
+``TPTrainingArguments``; ``dpo`` trains TRL's DPO (``tp_trainer.trl.TPDPOTrainer``, the ``trl``
+extra) on preference pairs with ``TPDPOConfig``, whose ``max_length``, ``beta``, ``loss_type``, ...
+are recipe fields too.
+
+An unknown key in the YAML is an error naming it (with the closest known field, or the trainer
+it belongs to), raised before any process is launched or any model is touched.
 """
 
 from __future__ import annotations
@@ -45,18 +51,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str | None = field(default=None, metadata={
-        "help": "Alpaca-format JSON/JSONL training data (instruction, input, output). Default: the generated "
-                "instruction tasks of tp_trainer.app.data.tasks, written to data_dir."})
-    eval_file: str | None = field(default=None, metadata={
-        "help": "Held-out Alpaca-format data for eval loss and exact-match accuracy (default: the generated "
-                "eval split when train_file is generated, otherwise none)."})
+class GeneratedDataArguments:
+    """Where the data comes from when no file is given: the built-in tasks (shared by every trainer)."""
+
     data_dir: str | None = field(default=None, metadata={
         "help": "Where the generated data, tokenizer and initial built-in model are written "
                 "(default: OUTPUT_DIR/builtin). Generation is deterministic, so runs sharing it agree."})
-    max_length: int = field(default=256, metadata={"help": "Tokens per example (prompt kept, response cut)."})
-    packing: bool = field(default=False, metadata={"help": "Pack whole examples into max_length blocks."})
     generated_train_size: int = field(default=4000, metadata={"help": "Generated training records."})
     generated_eval_size: int = field(default=200, metadata={"help": "Generated held-out eval records."})
     generated_tasks: str = field(default="all", metadata={
@@ -65,8 +65,6 @@ class DataArguments:
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Generation budget of exact-match eval."})
 
     def __post_init__(self):
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8 tokens, got {self.max_length}")
         for name in ("generated_train_size", "generated_eval_size", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +83,42 @@ class DataArguments:
 
 
 @dataclass
+class DataArguments(GeneratedDataArguments):
+    """Data of ``trainer: sft``."""
+
+    train_file: str | None = field(default=None, metadata={
+        "help": "Alpaca-format JSON/JSONL training data (instruction, input, output). Default: the generated "
+                "instruction tasks of tp_trainer.app.data.tasks, written to data_dir."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Held-out Alpaca-format data for eval loss and exact-match accuracy (default: the generated "
+                "eval split when train_file is generated, otherwise none)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example (prompt kept, response cut)."})
+    packing: bool = field(default=False, metadata={"help": "Pack whole examples into max_length blocks."})
+
+    def __post_init__(self):
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8 tokens, got {self.max_length}")
+        super().__post_init__()
+
+
+@dataclass
+class PreferenceDataArguments(GeneratedDataArguments):
+    """Data of ``trainer: dpo`` (its ``max_length`` is ``TPDPOConfig``'s)."""
+
+    train_file: str | None = field(default=None, metadata={
+        "help": "Preference pairs (JSON/JSONL with prompt, chosen, rejected), or Alpaca records turned into pairs "
+                "(chosen: the output, rejected: the output with one digit or letter changed; "
+                "tp_trainer.app.data.preference). Default: pairs from the generated instruction tasks."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Held-out data in either format for the DPO eval metrics (an Alpaca file also gets exact-match "
+                "accuracy before and after). Default: the generated eval split when train_file is generated."})
+
+
+@dataclass
 class JobArguments:
+    trainer: str = field(default="sft", metadata={
+        "help": "The job: 'sft' (TPTrainer on Alpaca data, the default) or 'dpo' (TRL's DPO on preference pairs, "
+                "tp_trainer.trl.TPDPOTrainer; needs pip install \"tp_trainer[trl]\")."})
     nproc_per_node: int | None = field(default=None, metadata={
         "help": "Processes that `tp-trainer train` launches (through torch.distributed.run) when it is not "
                 "already under torchrun/accelerate launch. Default: the visible GPUs, or tp_size on CPU."})
@@ -98,6 +131,7 @@ class JobArguments:
         "help": "Evaluate at most this many eval records after training (default: all)."})
 
     def __post_init__(self):
+        check_trainer(self.trainer)
         if self.nproc_per_node is not None and self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -106,26 +140,51 @@ class JobArguments:
 
 class Recipe(NamedTuple):
     model: ModelArguments
-    data: DataArguments
+    data: DataArguments | PreferenceDataArguments
     job: JobArguments
-    training: TPTrainingArguments
+    training: TPTrainingArguments  # or tp_trainer.trl.TPDPOConfig for trainer: dpo
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per example: the data's (sft) or the DPO config's (dpo)."""
+        return self.data.max_length if hasattr(self.data, "max_length") else self.training.max_length
 
 
-DATACLASSES = (ModelArguments, DataArguments, JobArguments, TPTrainingArguments)
+TRAINERS = ("sft", "dpo")
 
 
-def make_parser():
+def check_trainer(name: str) -> None:
+    if name not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {name!r}")
+
+
+def dataclasses_for(trainer: str = "sft") -> tuple[type, ...]:
+    """The four dataclasses a recipe of ``trainer`` is parsed into; ``dpo`` needs the ``trl`` extra."""
+    check_trainer(trainer)
+    if trainer == "dpo":
+        from ..extras import require
+
+        require("trl", feature="trainer: dpo")
+        from ..trl import TPDPOConfig
+
+        return ModelArguments, PreferenceDataArguments, JobArguments, TPDPOConfig
+    return ModelArguments, DataArguments, JobArguments, TPTrainingArguments
+
+
+DATACLASSES = dataclasses_for("sft")
+
+
+def make_parser(trainer: str = "sft"):
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(DATACLASSES)
+    return HfArgumentParser(dataclasses_for(trainer))
 
 
-def known_fields() -> set[str]:
-    return {f.name for cls in DATACLASSES for f in fields(cls) if f.init}
+def known_fields(trainer: str = "sft") -> set[str]:
+    return {f.name for cls in dataclasses_for(trainer) for f in fields(cls) if f.init}
 
 
-def read_recipe_file(path: str) -> dict:
-    """The YAML mapping at ``path``; unknown keys are an error naming the key and a close match."""
+def _load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"recipe {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -135,23 +194,47 @@ def read_recipe_file(path: str) -> dict:
             raise ValueError(f"recipe {path!r} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path!r} must be a YAML mapping of field: value, got {type(values).__name__}")
-    known = known_fields()
+    return values
+
+
+def _other_trainer_with(key: str, trainer: str) -> str | None:
+    for other in TRAINERS:
+        if other != trainer:
+            try:
+                if key in known_fields(other):
+                    return other
+            except ImportError:  # its extra is not installed: no hint from it
+                continue
+    return None
+
+
+def read_recipe_file(path: str, trainer: str | None = None) -> dict:
+    """The YAML mapping at ``path``; unknown keys (for its ``trainer``) are an error naming the key and a close match."""
+    values = _load_yaml(path)
+    trainer = trainer or values.get("trainer", "sft")
+    known = known_fields(trainer)
     for key in values:
         if key not in known:
+            other = _other_trainer_with(str(key), trainer)
+            if other is not None:
+                raise ValueError(f"recipe {path!r}: field {key!r} belongs to trainer: {other}, and this recipe "
+                                 f"trains trainer: {trainer}")
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"recipe {path!r}: unknown field {key!r}{hint}. Fields are those of TPTrainingArguments, "
-                             "ModelArguments, DataArguments and JobArguments (tp_trainer/app/recipe.py).")
+            raise ValueError(f"recipe {path!r}: unknown field {key!r}{hint}. Fields are those of the training "
+                             "arguments, ModelArguments, the data arguments and JobArguments "
+                             "(tp_trainer/app/recipe.py).")
     return values
 
 
 def parse_recipe(argv: list[str]) -> Recipe:
     """``[RECIPE.yaml] [--field value ...]`` -> :class:`Recipe` (YAML values overridden by flags)."""
     argv = list(argv)
+    trainer = peek(argv, "trainer", str) or "sft"
     values = {}
     if argv and not argv[0].startswith("-"):
-        values = read_recipe_file(argv.pop(0))
-    parser = make_parser()
+        values = read_recipe_file(argv.pop(0), trainer)
+    parser = make_parser(trainer)
     parser.set_defaults(**values)
     model, data, job, training = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return Recipe(model, data, job, training)
@@ -160,7 +243,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
 def peek(argv: list[str], name: str, type_=int):
     """The value of one field (command line over YAML, else ``None``) without building the dataclasses."""
     argv = list(argv)
-    values = read_recipe_file(argv.pop(0)) if argv and not argv[0].startswith("-") else {}
+    values = _load_yaml(argv.pop(0)) if argv and not argv[0].startswith("-") else {}
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(f"--{name}", type=type_, default=values.get(name))
     known, _ = parser.parse_known_args(argv)

@@ -1,15 +1,20 @@
-"""``tp-trainer train RECIPE.yaml [--field value ...]``: supervised fine-tuning from a recipe.
+"""``tp-trainer train RECIPE.yaml [--field value ...]``: fine-tuning from a recipe, SFT or DPO (``trainer:``).
 
 The flow on every rank (identical inputs, so every rank of a TP group builds identical batches):
 
 1. parse the recipe (:mod:`tp_trainer.app.recipe`), all validation before any work;
 2. outside a launcher, re-run through ``torch.distributed.run`` with ``nproc_per_node`` ranks
    (:mod:`tp_trainer.app.launch`), after preparing the built-in assets once in the parent;
-3. load the tokenizer and the model (a directory, or the generated initial built-in model),
-   load + validate + tokenize the Alpaca data (:mod:`tp_trainer.app.data.sft`);
-4. ``TPTrainer(...).train()`` with the Trainer's progress bar; ``save_model(final_model_dir)``;
-5. on the main process: ``log_history.json`` (the loss curve) and, with ``eval_after_train``,
-   exact-match accuracy per task and eval loss of the saved model and of the model before SFT.
+3. load the tokenizer and the model (a directory, or the generated initial built-in model);
+   ``trainer: sft``: load + validate + tokenize the Alpaca data (:mod:`tp_trainer.app.data.sft`);
+   ``trainer: dpo``: preference pairs, read or built from Alpaca records with a corrupted answer
+   (:mod:`tp_trainer.app.data.preference`);
+4. ``TPTrainer(...).train()`` (sft) or ``tp_trainer.trl.TPDPOTrainer(...).train()`` (dpo: its
+   reference model is loaded from the same directory and sharded alike) with the Trainer's progress
+   bar; ``save_model(final_model_dir)``;
+5. on the main process: ``log_history.json`` (the loss curve; for DPO also how ``rewards/accuracies``
+   and ``rewards/margins`` moved) and, with ``eval_after_train``, exact-match accuracy per task and eval
+   loss of the saved model and of the model before training (Alpaca eval data).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 
 from ..app.recipe import Recipe, make_parser, parse_recipe, peek, world_size_env
 
-HELP = "supervised fine-tuning from a recipe YAML (self-launches its torch.distributed world)"
+HELP = "fine-tuning from a recipe YAML, SFT or DPO (self-launches its torch.distributed world)"
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -84,7 +89,28 @@ def load_datasets(paths: dict, tokenizer, recipe: Recipe):
     return train, evaluation
 
 
+def load_preference_datasets(paths: dict, recipe: Recipe):
+    from ..app.data.preference import load_preferences
+
+    seed = recipe.data.generated_seed  # the corruption of Alpaca answers: the same pairs on every rank
+    train = load_preferences(paths["train"], seed=seed)
+    evaluation = load_preferences(paths["eval"], seed=seed + 1) if paths["eval"] else None
+    return train, evaluation
+
+
+def build_dpo_trainer(recipe: Recipe, paths: dict):
+    from ..trl import TPDPOTrainer
+
+    model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
+    train, evaluation = load_preference_datasets(paths, recipe)
+    # ref_model=None: TRL loads the reference from the model's directory; TPDPOTrainer shards it like the policy
+    return TPDPOTrainer(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
+                        processing_class=tokenizer)
+
+
 def build_trainer(recipe: Recipe, paths: dict):
+    if recipe.job.trainer == "dpo":
+        return build_dpo_trainer(recipe, paths)
     from ..app.data.sft import SFTDataCollator
     from ..app.fsdp_baseline import FSDPBaselineTrainer, needs_fsdp_baseline
     from ..trainer import TPTrainer
@@ -123,21 +149,44 @@ def train(recipe: Recipe) -> int:
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f, indent=1)
         print(f"tp_trainer: saved the trained model to {out}", flush=True)
-        if recipe.job.eval_after_train and paths["eval"]:
+        job = recipe.job.trainer.upper()
+        if recipe.job.trainer == "dpo":
+            print(preference_progress(trainer.state.log_history), flush=True)
+        if recipe.job.eval_after_train and paths["eval"] and is_alpaca(paths["eval"]):
             from .eval import evaluate_and_report
 
             before = paths["model"] if os.path.abspath(paths["model"]) != os.path.abspath(out) else None
-            evaluate_and_report({"before SFT": before, "after SFT": out}, paths["eval"], recipe.data.max_length,
+            evaluate_and_report({f"before {job}": before, f"after {job}": out}, paths["eval"], recipe.max_length,
                                 max_new_tokens=recipe.data.eval_max_new_tokens, limit=recipe.job.eval_limit,
                                 json_path=os.path.join(args.output_dir, "eval_results.json"))
     return 0
+
+
+def is_alpaca(path: str) -> bool:
+    """Whether the data file holds Alpaca records (exact-match eval needs their ``output``)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(1 << 16).lstrip()
+    first = json.loads(text)[0] if text.startswith("[") else json.loads(text.splitlines()[0])
+    return "instruction" in first and "output" in first
+
+
+def preference_progress(log_history: list[dict], keys=("rewards/accuracies", "rewards/margins")) -> str:
+    """How DPO's reward metrics moved: the mean over the first and over the last fifth of the training logs."""
+    lines = ["tp_trainer: DPO progress (mean of the first -> last fifth of the logged steps)"]
+    for key in keys:
+        values = [h[key] for h in log_history if key in h and "eval_loss" not in h]
+        if values:
+            k = max(1, len(values) // 5)
+            first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+            lines.append(f"  {key}: {first:.3f} -> {last:.3f} ({len(values)} logs)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ entry point
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: tp-trainer train [RECIPE.yaml] [--field value ...]\n\n" + __doc__)
-        make_parser().print_help()
+        make_parser().print_help()  # trainer: sft; `--trainer dpo --help` lists TPDPOConfig's fields too
         return 0
     from ..app.launch import check_nproc, default_nproc, relaunch, under_launcher, use_cpu_world_if_no_gpu
 
@@ -150,7 +199,7 @@ def main(argv: list[str]) -> int:
             recipe = parse_recipe(argv)
         check_nproc(nproc, recipe.training.tp_size)
         resolve_assets(recipe)  # generate the built-in assets once here rather than racing in every rank
-    except ValueError as err:
+    except (ValueError, ImportError) as err:  # ImportError: a trainer whose extra is not installed
         print(f"tp-trainer train: {err}", file=sys.stderr)
         return 2
     if nproc > 1:

@@ -18,6 +18,22 @@ def _lower_bounds_declared() -> dict[str, str]:
     return bounds
 
 
+# optional extras whose lower bound CI tests too (the test extra installs them): name -> the extra declaring it
+TESTED_EXTRAS = {"trl": "trl", "peft": "peft"}
+
+
+def _extras() -> dict[str, list[str]]:
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        block = re.search(r"^\[project\.optional-dependencies\](.*?)^\[", f.read(), re.S | re.M).group(1)
+    return {name: re.findall(r'"([^"]+)"', deps) for name, deps in re.findall(r"^(\w+) = \[(.*?)\]", block, re.M)}
+
+
+def _bound(dep: str) -> tuple[str, str]:
+    m = re.match(r"^([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)", dep)
+    assert m, f"pyproject.toml: dependency {dep!r} has no lower bound (>=): every bound must be tested"
+    return m.group(1).lower(), m.group(2)
+
+
 def _pinned() -> dict[str, str]:
     pins = {}
     with open(os.path.join(ROOT, "constraints", "lower-bounds.txt")) as f:
@@ -36,7 +52,14 @@ def _release(version: str) -> tuple[int, ...]:
 
 def test_every_lower_bound_is_pinned_in_the_constraints_ci_installs():
     declared, pinned = _lower_bounds_declared(), _pinned()
-    assert declared.keys() == pinned.keys(), "constraints/lower-bounds.txt must pin exactly the base dependencies"
+    extras = _extras()
+    for name, extra in TESTED_EXTRAS.items():
+        (dep,) = [d for d in extras[extra] if _bound(d)[0] == name]
+        in_test = [d for d in extras["test"] if _bound(d)[0] == name]
+        assert in_test == [dep], f"the test extra must install {dep!r} as the {extra} extra declares it, got {in_test}"
+        declared[name] = _bound(dep)[1]
+    assert declared.keys() == pinned.keys(), ("constraints/lower-bounds.txt must pin exactly the base dependencies "
+                                              f"and the tested extras {sorted(TESTED_EXTRAS)}")
     for name, bound in declared.items():
         assert _release(pinned[name]) == _release(bound), (
             f"{name}: pyproject.toml allows >= {bound} but CI tests {pinned[name]}; change both together")

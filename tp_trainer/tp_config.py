@@ -6,6 +6,7 @@
 DeepSpeed key                                          TPTrainingArguments field
 =====================================================  =====================================
 ``tensor_parallel.autotp_size``                        ``tp_size``
+``tensor_parallel.sequence_parallel`` (true/false)     ``sequence_parallel``
 ``zero_optimization.stage`` (0, 1, 2)                  ``zero_stage``
 ``zero_optimization.gather_16bit_weights_on_model_save``  ``gather_16bit_weights_on_model_save``
 ``train_micro_batch_size_per_gpu``                     ``per_device_train_batch_size``
@@ -63,6 +64,11 @@ def read_tp_config(path: str) -> tuple[dict, list[str], object]:
             for k, v in val.items():
                 if k == "autotp_size":
                     values["tp_size"] = v
+                elif k == "sequence_parallel":
+                    if not isinstance(v, bool):
+                        raise ValueError(f"tp_config {path!r}: tensor_parallel.sequence_parallel must be true or false, "
+                                         f"got {v!r}")
+                    values["sequence_parallel"] = v
                 elif not _is_auto(v):
                     unsupported.append(f"tensor_parallel.{k}")
         elif key in _ZERO_KEYS and isinstance(val, dict):

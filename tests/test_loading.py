@@ -456,3 +456,20 @@ def test_conversions_are_read_lazily_where_they_can_be(tmp_path):
     for p in "qkv":
         kind, _, shape, keys, _ = sources[f"model.layers.0.self_attn.{p}_proj.weight"]
         assert (kind, shape, keys) == ("Converted", (64, 64), (QKV.format(0),))
+
+
+def test_a_checkpoint_holding_both_tied_tensors_is_tied_as_transformers_ties_it(tmp_path):
+    """GPT-2 ties lm_head.weight to transformer.wte.weight. A checkpoint holding both: equal values stay tied (read
+    once), different ones are untied (from_pretrained's rule, decided after its load; here before the plan)."""
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    for path, value in ((same, None), (other, 7.0)):
+        tiny_model("gpt2").save_pretrained(path)
+        _rewrite(path, lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"].clone() if value is None
+                                           else torch.full_like(t["transformer.wte.weight"], value)}))
+        mine, ref = _load(path), T.AutoModelForCausalLM.from_pretrained(path)
+        tied = value is None
+        assert (mine.lm_head.weight is mine.transformer.wte.weight) == tied
+        assert (ref.lm_head.weight is ref.transformer.wte.weight) == tied
+        assert mine.all_tied_weights_keys == ref.all_tied_weights_keys
+        for name in ("lm_head.weight", "transformer.wte.weight"):
+            assert torch.equal(mine.get_parameter(name), ref.get_parameter(name)), name

@@ -11,6 +11,10 @@ conversion is first run on ``meta`` tensors (no data): that gives the tensors it
 their shapes; the chains of ``MergeModulelist``/``Concatenate``/``Transpose`` are then turned
 into lazy expressions that read only the boxes asked for, anything else into a
 :class:`~.sources.Converted` that runs transformers' operations on the whole sources.
+
+:func:`resolve_ties` settles a checkpoint that holds both tensors of a tie as ``from_pretrained``
+does after loading (tied when equal, untied otherwise), here before the plan is made; comparing
+them reads both, block by block.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import torch.nn as nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (Concatenate, MergeModulelist, Transpose, WeightConverter, WeightRenaming,
                                              dot_natural_key, rename_source_key)
+from transformers.utils import logging
 
 from .files import LoadError, SafetensorsDir
-from .sources import Cat, Converted, Leaf, Source, Stack, Transposed, check_consistent
+from .sources import Cat, Converted, Leaf, Source, Stack, Transposed, check_consistent, equal_sources
+
+logger = logging.get_logger(__name__)
 
 
 class KeyMap:
@@ -63,6 +70,27 @@ def map_sources(model: nn.Module, files: SafetensorsDir, *, key_mapping: dict[st
             if target in expected:
                 sources[target] = src
     return KeyMap(sources, unexpected, [c for c in conversions if c.was_used()])
+
+
+def resolve_ties(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, dtypes: dict[str, torch.dtype]) -> None:
+    """Ties of a checkpoint holding both tensors, as ``from_pretrained`` settles them after loading: equal values
+    (compared block by block, cast to the model's dtype) stay tied and are read once; different ones are untied
+    (the target gets a parameter of its own, still on ``meta``) with transformers' warning. Before planning."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(tied.items()):
+        if target not in keymap.sources or source not in keymap.sources:
+            continue
+        if equal_sources(files, keymap.sources[source], keymap.sources[target], dtypes.get(source, torch.float32)):
+            del keymap.sources[target]
+            continue
+        logger.warning(f"The tied weights mapping and config for this model specifies to tie {source} to {target}, "
+                       "but both are present in the checkpoints with different values, so we will NOT tie them. "
+                       "You should update the config with `tie_word_embeddings=False` to silence this warning.")
+        owner, _, attr = target.rpartition(".")
+        module = model.get_submodule(owner)
+        old = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad))
+        tied.pop(target)
 
 
 def _run(converter: WeightConverter, first: str, collected: dict[str, list[str]], read, config) -> dict:

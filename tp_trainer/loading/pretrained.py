@@ -4,22 +4,23 @@ In order, on every rank (no rank waits for another, nothing is communicated):
 
 1. read the safetensors headers (:mod:`.files`) and build the model on ``meta`` as
    ``from_pretrained`` builds it (:mod:`.build`);
-2. map checkpoint keys to model tensors with transformers' renaming and conversion rules
-   (:mod:`.keys`) and check every parameter's source and shape (:func:`.materialize.check_sources`):
-   a mismatch is an error here, before anything is allocated;
-3. plan (``plan_tensor_parallel``, on the meta model) and shard (``apply_tensor_parallel``, on meta:
-   every sharded parameter gets its ``tp_spec``);
-4. read each tensor's slices into the rank's device (:func:`.materialize.materialize`), then
-   recompute the non-persistent buffers as ``from_pretrained`` does.
+2. map checkpoint keys to model tensors with transformers' renaming and conversion rules, settle
+   ties the checkpoint holds both sides of (:mod:`.keys`), and check every parameter's source and
+   shape (:func:`.materialize.check_sources`): a mismatch is an error here, before anything is
+   allocated;
+3. plan (``plan_tensor_parallel``, on the meta model), compute the buffers the checkpoint does not
+   hold as ``from_pretrained`` does (:func:`.materialize.compute_buffers`), and shard
+   (``apply_tensor_parallel``, on meta: every sharded parameter gets its ``tp_spec``);
+4. read each tensor's slices onto the rank's device (:func:`.materialize.materialize`).
 
-The result equals ``AutoModelForCausalLM.from_pretrained(path)`` followed by
+The result equals ``from_pretrained(path)`` followed by
 ``apply_tensor_parallel(model, plan_tensor_parallel(model, N), context)``, tensor for tensor,
 bit for bit. Per rank the weights cost their shards (replicated tensors in full) plus one
 tensor segment in flight, instead of the whole model first.
 
 The model carries a :class:`ShardedState` (``model.tp_sharded_state``): the plan, the context
-and the unsharded parameter count; :func:`sharded_state` returns it, and ``TPTrainer`` given
-such a model skips planning and sharding.
+and the unsharded parameter count; :func:`sharded_state` returns it, for ``TPTrainer`` to take
+the plan and context instead of planning and sharding again.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..parallel.context import ParallelContext
 from ..planner import Plan, apply_tensor_parallel, plan_tensor_parallel
 from .build import build_meta_model, check_directory
 from .files import LoadError, SafetensorsDir
-from .keys import map_sources
+from .keys import map_sources, resolve_ties
 from .materialize import check_sources, compute_buffers, materialize, target_dtypes
 
 logger = logging.get_logger(__name__)
@@ -70,8 +71,9 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
     files = SafetensorsDir(path)
     model, dtype = build_meta_model(path, files, kwargs, model_class=model_class)
     keymap = map_sources(model, files, key_mapping=key_mapping)
-    check_sources(model, keymap, files)
     dtypes = target_dtypes(model, model._get_dtype_plan(dtype))
+    resolve_ties(model, keymap, files, dtypes)
+    check_sources(model, keymap, files)
     full_parameters = sum(p.numel() for p in model.parameters())
     plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
     compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)

@@ -22,6 +22,7 @@ result plus one piece at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -165,3 +166,22 @@ def read_box(files: SafetensorsDir, src: Source, box: Box) -> torch.Tensor:
             out.narrow(src.dim, a - lo, b - a).copy_(read_box(files, item, part))
         start += size
     return out
+
+
+def equal_sources(files: SafetensorsDir, a: Source, b: Source, dtype: torch.dtype, *,
+                  block_bytes: int = 16 * 2 ** 20) -> bool:
+    """``torch.equal`` of the two tensors cast to ``dtype`` (as transformers compares tied tensors after
+    loading), read in blocks of rows of at most ``block_bytes``: two blocks in memory, not two tensors."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    shape = tuple(a.shape)
+    whole = tuple((0, n) for n in shape)
+    if len(shape) == 0:
+        return torch.equal(read_box(files, a, whole).to(dtype), read_box(files, b, whole).to(dtype))
+    row = max(1, math.prod(shape[1:]) * torch.empty((), dtype=a.dtype).element_size())
+    step = max(1, block_bytes // row)
+    for lo in range(0, shape[0], step):
+        box = ((lo, min(shape[0], lo + step)),) + whole[1:]
+        if not torch.equal(read_box(files, a, box).to(dtype), read_box(files, b, box).to(dtype)):
+            return False
+    return True

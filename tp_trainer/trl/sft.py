@@ -2,9 +2,9 @@
 
 TRL computes the loss and the logged ``entropy`` and ``mean_token_accuracy`` from its fused LM head
 (``model(..., fused_lm_head=True)``: per-token log-probability, entropy and top-1 of the label). Once
-TRL has installed it, the vocab-parallel version replaces it (:mod:`.fused_head`): per token, one
-all-gather of ``3`` floats (``log p``, with the max and the sum of the softmax) plus one for each of
-the entropy and the top-1 over the TP group, never the ``[tokens, V]`` logits. ``num_tokens`` counts
+TRL has installed it, the vocab-parallel version replaces it (:mod:`.fused_head`): one all-gather over
+the TP group of 5 floats per token (each rank's max logit, sum of exponentials and target logit, and
+the partial sums of the entropy and the top-1), never the ``[tokens, V]`` logits. ``num_tokens`` counts
 the attention mask gathered over the dp group only (``TPAccelerator.gather_for_metrics``), so each
 token once. The loss is TRL's ``sum(-log p) / num_items_in_batch`` times ``dp`` (its
 ``num_processes // get_tp_size()``), averaged over dp by the ZeRO optimizer: the global token mean.

@@ -7,7 +7,11 @@ and buffers bit for bit (bytes compared, dtype and shape equal), the same tensor
 ``tp_spec``, the same plan, and the loss of one forward on the same batch (the same modules
 reading the same values in the same order). Families: every one of tests/models.py at tp=2
 (dense, tied embeddings, fused projections, MoE with per-expert checkpoint keys fused on load,
-encoders and encoder-decoders), from single-file, 16-bit and sharded (index) checkpoints.
+encoders and encoder-decoders), from single-file, 16-bit and sharded (index) checkpoints, and
+checkpoints transformers renames or converts on load (``key_mapping``, legacy ``gamma``/``beta``,
+registered ``Chunk``/``Transpose`` conversions), all in one spawned world (the ``world`` fixture).
+Each rank reads from the files exactly the bytes it holds (MoE experts included), except where a
+conversion has no lazy form.
 
 Memory (cpu_only): a rank's peak resident memory while loading a 126 MB bf16 Llama at tp=2 is
 bounded by its shard, plus one full tensor, plus what loading a same-depth tiny model costs
@@ -38,6 +42,9 @@ from tp_trainer.loading.materialize import tensor_aliases
 MiB = 2 ** 20
 # Forward parity on these (a causal LM batch; MLM for BERT): one of each kind the issue names.
 FORWARD = {"llama", "llama_bf16_sharded", "gpt2", "mixtral", "qwen2_moe", "bert_mlm"}
+QKV = "model.layers.{}.self_attn.qkv_proj.weight"
+DOWN_T = "model.layers.{}.mlp.down_proj_t.weight"
+CONVERTED = "llama_converted"  # loaded last in the world: its conversions are registered for LlamaForCausalLM
 
 
 def _moe(name):
@@ -45,14 +52,43 @@ def _moe(name):
     return T.AutoModelForCausalLM.from_config(MOE_FAMILIES[name]())
 
 
-def _checkpoints(root) -> list[tuple[str, str, str]]:
-    """``(name, directory, model class)`` for every family, saved with ``save_pretrained``."""
+def _rewrite(path, edit, fname="model.safetensors"):
+    tensors = load_file(os.path.join(path, fname))
+    edit(tensors)
+    save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+
+
+def _fuse_qkv_transpose_down(t):
+    """The layout :func:`_register_llama_conversions` converts: q/k/v in one tensor, down_proj transposed."""
+    for i in range(2):
+        t[QKV.format(i)] = torch.cat([t.pop(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"])
+        t[DOWN_T.format(i)] = t.pop(f"model.layers.{i}.mlp.down_proj.weight").t().contiguous()
+
+
+def _register_llama_conversions():
+    """A checkpoint layout transformers converts on load: q/k/v fused in one tensor (``Chunk``: one source, three
+    targets, no lazy form) and ``down_proj`` stored transposed (``Transpose``: read lazily, the box transposed)."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Chunk, Transpose, WeightConverter
+
+    register_checkpoint_conversion_mapping("LlamaForCausalLM", [
+        WeightConverter("self_attn.qkv_proj.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                      "self_attn.v_proj.weight"], operations=[Chunk(dim=0)]),
+        WeightConverter("mlp.down_proj_t.weight", "mlp.down_proj.weight", operations=[Transpose(0, 1)]),
+    ], overwrite=True)
+
+
+def _checkpoints(root) -> list[tuple[str, str, str, dict]]:
+    """``(name, directory, model class, from_pretrained kwargs)``: every family saved with ``save_pretrained``,
+    16-bit and sharded ones, then checkpoints transformers renames or converts on load."""
     out = []
 
-    def save(name, model, **kwargs):
+    def save(name, model, kwargs=None, **save_kwargs):
         path = os.path.join(root, name)
-        model.save_pretrained(path, **kwargs)
-        out.append((name, path, "AutoModelForCausalLM" if name not in ENCODERS else type(model).__name__))
+        model.save_pretrained(path, **save_kwargs)
+        out.append((name, path, "AutoModelForCausalLM" if name not in ENCODERS else type(model).__name__,
+                    kwargs or {}))
+        return path
 
     for fam in ALL_FAMILIES:
         save(fam, tiny_model(fam))
@@ -62,6 +98,17 @@ def _checkpoints(root) -> list[tuple[str, str, str]]:
     save("mixtral_bf16_sharded", _moe("mixtral").to(torch.bfloat16), max_shard_size="30KB")
     for name in ENCODERS:
         save(name, tiny_encoder(name))
+    mapped = save("llama_key_mapping", tiny_model("llama"), {"key_mapping": {r"^backbone\.": "model."}})
+    _rewrite(mapped, lambda t: t.update({k.replace("model.", "backbone.", 1): t.pop(k) for k in list(t)
+                                         if k.startswith("model.")}))
+    legacy = os.path.join(root, "bert_legacy_names")
+    tiny_encoder("bert_mlm").save_pretrained(legacy)
+    out.append(("bert_legacy_names", legacy, "BertForMaskedLM", {}))
+    _rewrite(legacy, lambda t: t.update({k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                                         .replace("LayerNorm.bias", "LayerNorm.beta"): t.pop(k) for k in list(t)
+                                         if "LayerNorm." in k}))
+    converted = save(CONVERTED, tiny_model("llama", num_key_value_heads=4))  # MHA: q, k, v chunk evenly
+    _rewrite(converted, _fuse_qkv_transpose_down)
     return out
 
 
@@ -117,37 +164,44 @@ def _compare(loaded, full, plan, ctx, full_parameters) -> list[str]:
     return problems
 
 
-def _load_both(path, cls, ctx, **kwargs):
-    """``(shard-only model, reference model, reference plan, unsharded parameter count)``."""
-    loaded = from_pretrained(path, context=ctx, model_class=cls, **kwargs)
-    full = cls.from_pretrained(path, **kwargs)
-    full_parameters = sum(p.numel() for p in full.parameters())
-    plan = plan_tensor_parallel(full, ctx.tp_size)
-    apply_tensor_parallel(full, plan, ctx)
-    return loaded, full, plan, full_parameters
+def _describe(src) -> tuple:
+    """A source expression as nested tuples ``(kind, dim, shape, keys, children)`` (picklable)."""
+    children = getattr(src, "items", None) or ([src.item] if hasattr(src, "item") else [])
+    return (type(src).__name__, getattr(src, "dim", None), tuple(src.shape), tuple(src.keys()),
+            tuple(_describe(c) for c in children))
+
+
+def _expression_kinds(path) -> tuple[dict, dict]:
+    """``({model tensor: its source described}, {parameter: shape})`` of the unsharded meta model of ``path``."""
+    from tp_trainer.loading.build import build_meta_model
+    from tp_trainer.loading.keys import map_sources
+
+    files = SafetensorsDir(path)
+    model, _ = build_meta_model(path, files, {})
+    return ({n: _describe(src) for n, src in map_sources(model, files).sources.items()},
+            {n: tuple(p.shape) for n, p in model.named_parameters()})
 
 
 def _parity_worker(checkpoints):
+    """Per checkpoint: shard-only against full load + plan + apply on the same ranks (differences, bytes read and
+    held, losses of one forward); then, rank 0, the source expressions of two converted checkpoints."""
     ctx = ParallelContext.from_environment(2)
     reads = _counting_reads()
     report = {}
-    for name, path, cls_name in checkpoints:
+    for name, path, cls_name, kwargs in checkpoints:
+        if name == CONVERTED:
+            _register_llama_conversions()  # in this process only: both loaders see it (and every llama after it)
         cls = getattr(T, cls_name)
         reads["bytes"] = 0
-        loaded = from_pretrained(path, context=ctx, model_class=cls)
+        loaded = from_pretrained(path, context=ctx, model_class=cls, **kwargs)
         read_bytes, in_eval_mode = reads["bytes"], not loaded.training  # from_pretrained returns eval mode
-        full = cls.from_pretrained(path)
+        full = cls.from_pretrained(path, **kwargs)
         full_parameters = sum(p.numel() for p in full.parameters())
         plan = plan_tensor_parallel(full, 2)
         apply_tensor_parallel(full, plan, ctx)
-        problems = _compare(loaded, full, plan, ctx, full_parameters)
-        # the bytes read from the files: exactly the checkpoint tensors this rank holds (no vocabulary padding
-        # in these models; tied tensors once; non-persistent buffers computed, not read)
         persistent = set(loaded.state_dict(keep_vars=True))
         held = sum(t.numel() * t.element_size() for names, t, _ in tensor_aliases(loaded)
                    if any(n in persistent for n in names))
-        if read_bytes != held:
-            problems.append(f"read {read_bytes} bytes from the files for {held} bytes of checkpoint tensors held")
         losses = None
         if name in FORWARD:
             full.to(ctx.device)
@@ -155,29 +209,85 @@ def _parity_worker(checkpoints):
             full.train()
             batch = {k: v.to(ctx.device) for k, v in _batch(full).items()}
             losses = (loaded(**batch).loss.item(), full(**batch).loss.item())
-        report[name] = {"problems": problems, "losses": losses, "eval_mode": in_eval_mode,
+        report[name] = {"problems": _compare(loaded, full, plan, ctx, full_parameters), "losses": losses,
+                        "eval_mode": in_eval_mode, "read": read_bytes, "held": held,
                         "dtypes": sorted({str(p.dtype) for p in loaded.parameters()})}
+    if ctx.rank == 0:
+        paths = {name: path for name, path, *_ in checkpoints}
+        report["expressions"] = {name: _expression_kinds(paths[name]) for name in ("mixtral", CONVERTED)}
     return report
 
 
-def test_every_family_loads_bit_identical_to_full_load_then_shard(tmp_path):
-    checkpoints = _checkpoints(tmp_path)
-    index = json.load(open(os.path.join(tmp_path, "llama_bf16_sharded", "model.safetensors.index.json")))
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One tp=2 world for every checkpoint of :func:`_checkpoints`: ``(checkpoints, reports of rank 0 and 1)``."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    checkpoints = _checkpoints(root)
+    return checkpoints, run_distributed(_parity_worker, 2, checkpoints)
+
+
+def test_every_family_loads_bit_identical_to_full_load_then_shard(world):
+    checkpoints, results = world
+    root = os.path.dirname(checkpoints[0][1])
+    index = json.load(open(os.path.join(root, "llama_bf16_sharded", "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 2, "the sharded checkpoint must span several files"
-    moe_keys = load_file(os.path.join(tmp_path, "mixtral", "model.safetensors"))
+    moe_keys = load_file(os.path.join(root, "mixtral", "model.safetensors"))
     assert any(".experts.3.w1." in k for k in moe_keys), "Mixtral checkpoints keep one tensor per expert"
-    results = run_distributed(_parity_worker, 2, checkpoints)
     for rank, report in enumerate(results):
-        assert set(report) == {name for name, _, _ in checkpoints}
-        for name, rec in report.items():
+        assert {name for name, *_ in checkpoints} <= set(report)
+        for name, *_ in checkpoints:
+            rec = report[name]
             assert rec["problems"] == [], f"rank {rank}, {name}: {rec['problems']}"
             assert rec["eval_mode"], f"{name}: from_pretrained returns the model in eval mode"
             if rec["losses"] is not None:
                 mine, ref = rec["losses"]
                 assert mine == ref and mine == mine, f"rank {rank}, {name}: loss {mine} vs {ref}"
+            # what was read from the files is exactly the checkpoint tensors this rank holds (no vocabulary
+            # padding in these models; tied tensors once; non-persistent buffers computed, not read): MoE
+            # experts included. A conversion without a lazy form (Chunk) reads its sources whole.
+            if name != CONVERTED:
+                assert rec["read"] == rec["held"], f"rank {rank}, {name}: read {rec['read']} bytes, holds {rec['held']}"
         for name in ("llama_bf16_sharded", "mixtral_bf16_sharded"):
             assert report[name]["dtypes"] == ["torch.bfloat16"], f"{name}: 16-bit weights must stay 16-bit"
     assert results[0]["llama"]["losses"] == results[1]["llama"]["losses"], "both ranks compute the same loss"
+
+
+def test_renamed_legacy_and_converted_checkpoints_load_as_transformers_loads_them(world):
+    """``key_mapping``, legacy ``gamma``/``beta`` names, and conversions with (``Transpose``) and without
+    (``Chunk``) a lazy form: the same tensors as transformers' from_pretrained + apply_tensor_parallel (checked in
+    the world with every family); here: that the checkpoints really hold the layouts named."""
+    checkpoints, results = world
+    paths = {name: path for name, path, *_ in checkpoints}
+    assert "backbone.layers.0.mlp.up_proj.weight" in load_file(os.path.join(paths["llama_key_mapping"],
+                                                                            "model.safetensors"))
+    assert any("LayerNorm.gamma" in k for k in load_file(os.path.join(paths["bert_legacy_names"],
+                                                                      "model.safetensors")))
+    keys = load_file(os.path.join(paths[CONVERTED], "model.safetensors"))
+    assert QKV.format(1) in keys and DOWN_T.format(1) in keys and "model.layers.1.self_attn.q_proj.weight" not in keys
+    for rank, report in enumerate(results):
+        for name in ("llama_key_mapping", "bert_legacy_names", CONVERTED):
+            assert report[name]["problems"] == [], f"rank {rank}, {name}: {report[name]['problems']}"
+        assert results[rank][CONVERTED]["read"] > results[rank][CONVERTED]["held"]  # q/k/v: the fused tensor whole
+
+
+def test_conversions_are_read_lazily_where_they_can_be(world):
+    """Which expression each converted tensor gets: the MoE experts (stacked in expert order, gate and up
+    concatenated) and a transposition are read box by box; a chunked fused tensor is read whole (the one
+    case that costs its full sources)."""
+    _, results = world
+    sources, shapes = results[0]["expressions"]["mixtral"]
+    kind, dim, shape, keys, items = sources["model.layers.1.mlp.experts.gate_up_proj"]
+    assert (kind, dim) == ("Cat", 1) and shape == shapes["model.layers.1.mlp.experts.gate_up_proj"]
+    assert [(i[0], len(i[4])) for i in items] == [("Stack", 4), ("Stack", 4)]
+    assert items[0][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight" for e in range(4))
+    assert items[1][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight" for e in range(4))
+    kind, _, shape, _, items = sources["model.layers.1.mlp.experts.down_proj"]
+    assert kind == "Stack" and len(items) == 4 and shape == shapes["model.layers.1.mlp.experts.down_proj"]
+    sources, _ = results[0]["expressions"][CONVERTED]
+    assert sources["model.layers.0.mlp.down_proj.weight"][0] == "Transposed"
+    for p in "qkv":
+        kind, _, shape, keys, _ = sources[f"model.layers.0.self_attn.{p}_proj.weight"]
+        assert (kind, shape, keys) == ("Converted", (64, 64), (QKV.format(0),))
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -254,12 +364,6 @@ def no_reads(monkeypatch):
     def read(self, key, box=None):
         raise AssertionError(f"{key} was read before the checkpoint was checked")
     monkeypatch.setattr(SafetensorsDir, "read", read)
-
-
-def _rewrite(path, edit, fname="model.safetensors"):
-    tensors = load_file(os.path.join(path, fname))
-    edit(tensors)
-    save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
 
 
 @pytest.fixture
@@ -346,116 +450,6 @@ def test_dtype_config_overrides_and_the_marker_follow_from_pretrained(llama_dir)
     assert sharded_state(ref) is None
     with pytest.raises(LoadError, match="loaded by tp_trainer.from_pretrained for tp_size=1, but tp_size=2"):
         sharded_state(mine, tp_size=2)
-
-
-# ------------------------------------------------------------------------------------ key renaming and conversions
-QKV = "model.layers.{}.self_attn.qkv_proj.weight"
-DOWN_T = "model.layers.{}.mlp.down_proj_t.weight"
-
-
-def _register_llama_conversions():
-    """A checkpoint layout transformers converts on load: q/k/v fused in one tensor (``Chunk``: one source, three
-    targets, no lazy form) and ``down_proj`` stored transposed (``Transpose``: read lazily, the box transposed)."""
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import Chunk, Transpose, WeightConverter
-
-    register_checkpoint_conversion_mapping("LlamaForCausalLM", [
-        WeightConverter("self_attn.qkv_proj.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                                      "self_attn.v_proj.weight"], operations=[Chunk(dim=0)]),
-        WeightConverter("mlp.down_proj_t.weight", "mlp.down_proj.weight", operations=[Transpose(0, 1)]),
-    ], overwrite=True)
-
-
-def _conversion_worker(items):
-    ctx = ParallelContext.from_environment(2)
-    report = {}
-    for name, path, cls_name, kwargs in items:
-        if name == "llama_converted":
-            _register_llama_conversions()  # in this process only: both loaders see it
-        loaded, full, plan, count = _load_both(path, getattr(T, cls_name), ctx, **kwargs)
-        report[name] = _compare(loaded, full, plan, ctx, count)
-    return report
-
-
-def test_renamed_legacy_and_converted_checkpoints_load_as_transformers_loads_them(tmp_path):
-    """``key_mapping``, legacy ``gamma``/``beta`` names, and conversions with (``Transpose``) and without
-    (``Chunk``) a lazy form: the same tensors as transformers' from_pretrained + apply_tensor_parallel."""
-    mapped = str(tmp_path / "mapped")
-    tiny_model("llama").save_pretrained(mapped)
-    _rewrite(mapped, lambda t: t.update({k.replace("model.", "backbone.", 1): t.pop(k) for k in list(t)
-                                         if k.startswith("model.")}))
-    legacy = str(tmp_path / "legacy")
-    tiny_encoder("bert_mlm").save_pretrained(legacy)
-    _rewrite(legacy, lambda t: t.update({k.replace("LayerNorm.weight", "LayerNorm.gamma")
-                                         .replace("LayerNorm.bias", "LayerNorm.beta"): t.pop(k) for k in list(t)
-                                         if "LayerNorm." in k}))
-    converted = str(tmp_path / "converted")
-    tiny_model("llama", num_key_value_heads=4).save_pretrained(converted)  # MHA: q, k, v chunk evenly
-
-    def fuse(t):
-        for i in range(2):
-            parts = [t.pop(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"]
-            t[QKV.format(i)] = torch.cat(parts)
-            t[DOWN_T.format(i)] = t.pop(f"model.layers.{i}.mlp.down_proj.weight").t().contiguous()
-    _rewrite(converted, fuse)
-    assert "backbone.layers.0.mlp.up_proj.weight" in load_file(os.path.join(mapped, "model.safetensors"))
-    assert any("LayerNorm.gamma" in k for k in load_file(os.path.join(legacy, "model.safetensors")))
-    items = [("llama_key_mapping", mapped, "AutoModelForCausalLM", {"key_mapping": {r"^backbone\.": "model."}}),
-             ("bert_legacy_names", legacy, "BertForMaskedLM", {}),
-             ("llama_converted", converted, "AutoModelForCausalLM", {})]
-    for rank, report in enumerate(run_distributed(_conversion_worker, 2, items)):
-        assert set(report) == {name for name, *_ in items}
-        for name, problems in report.items():
-            assert problems == [], f"rank {rank}, {name}: {problems}"
-
-
-def _expression_kinds(mixtral, converted):
-    from tp_trainer.loading.build import build_meta_model
-    from tp_trainer.loading.keys import map_sources
-
-    out = {}
-    for path in (mixtral, converted):
-        if path == converted:
-            _register_llama_conversions()  # in this spawned process only
-        files = SafetensorsDir(path)
-        model, _ = build_meta_model(path, files, {})
-        out[path] = ({n: _describe(src) for n, src in map_sources(model, files).sources.items()},
-                     {n: tuple(p.shape) for n, p in model.named_parameters()})
-    return out
-
-
-def _describe(src) -> tuple:
-    """A source expression as nested tuples ``(kind, dim, shape, keys, children)`` (picklable)."""
-    children = getattr(src, "items", None) or ([src.item] if hasattr(src, "item") else [])
-    return (type(src).__name__, getattr(src, "dim", None), tuple(src.shape), tuple(src.keys()),
-            tuple(_describe(c) for c in children))
-
-
-def test_conversions_are_read_lazily_where_they_can_be(tmp_path):
-    """Which expression each converted tensor gets: the MoE experts (stacked in expert order, gate and up
-    concatenated) and a transposition are read box by box; a chunked fused tensor is read whole (the one
-    case that costs its full sources)."""
-    mixtral, converted = str(tmp_path / "mixtral"), str(tmp_path / "converted")
-    _moe("mixtral").save_pretrained(mixtral)
-    tiny_model("llama", num_key_value_heads=4).save_pretrained(converted)
-    _rewrite(converted, lambda t: t.update({QKV.format(0): torch.cat([t.pop(f"model.layers.0.self_attn.{p}_proj.weight")
-                                                                       for p in "qkv"]),
-                                            DOWN_T.format(0): t.pop("model.layers.0.mlp.down_proj.weight").t()
-                                            .contiguous()}))
-    (kinds,) = run_distributed(_expression_kinds, 1, mixtral, converted)
-    sources, shapes = kinds[mixtral]
-    kind, dim, shape, keys, items = sources["model.layers.1.mlp.experts.gate_up_proj"]
-    assert (kind, dim) == ("Cat", 1) and shape == shapes["model.layers.1.mlp.experts.gate_up_proj"]
-    assert [(i[0], len(i[4])) for i in items] == [("Stack", 4), ("Stack", 4)]
-    assert items[0][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight" for e in range(4))
-    assert items[1][3] == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight" for e in range(4))
-    kind, _, shape, _, items = sources["model.layers.1.mlp.experts.down_proj"]
-    assert kind == "Stack" and len(items) == 4 and shape == shapes["model.layers.1.mlp.experts.down_proj"]
-    sources, _ = kinds[converted]
-    assert sources["model.layers.0.mlp.down_proj.weight"][0] == "Transposed"
-    for p in "qkv":
-        kind, _, shape, keys, _ = sources[f"model.layers.0.self_attn.{p}_proj.weight"]
-        assert (kind, shape, keys) == ("Converted", (64, 64), (QKV.format(0),))
 
 
 def test_a_checkpoint_holding_both_tied_tensors_is_tied_as_transformers_ties_it(tmp_path):

@@ -83,6 +83,7 @@ def _build(ctx, family, stage, *, dtype=torch.float32, overrides=None, split_nor
     trained = [p for p in model.parameters() if p.requires_grad]
     if stage == 3:
         shard_parameters_over_dp(model, ctx)
+        model.to(ctx.device)  # as the Trainer does: its swap_tensors must not lose the TP metadata
         trained = [p for p in model.parameters() if p.requires_grad]
         return model, FullyShardedOptimizer(torch.optim.AdamW(trained, lr=LR), ctx)
     return model, ShardedOptimizer(torch.optim.AdamW(trained, lr=LR), ctx, stage=stage, bucket_numel=2000)

@@ -321,6 +321,10 @@ INTERNALS: tuple[Internal, ...] = (
              "ZeRO-3 puts tp_spec/tp_grad_sum on the parameters FSDP2 gathers with a forward pre-hook that must run "
              "after FSDP2's own pre-forward (the unshard), which FSDP2 registers with prepend=True",
              ("self._pre_forward, prepend=True",)),
+    Internal("torch.nn.modules.module:Module._apply", "patch", ("fn", "recurse"), "tp_trainer/zero/fully_sharded.py",
+             "ZeRO-3 sets the dp-sharded root's _apply (instance attribute) to call the class's and then put tp_spec/"
+             "tp_grad_sum back: it converts DTensor parameters with torch.utils.swap_tensors, which swaps __dict__",
+             ("swap_tensors",)),
     Internal("torch:_foreach_norm", "call", None, "tp_trainer/parallel/grads.py", "gradient norm, one pass per tensor"),
     Internal("torch:_assert_async", "call", None, "tp_trainer/parallel/layers.py",
              "device-side vocabulary range check, with a message (the aten::_assert_async.msg overload)"),

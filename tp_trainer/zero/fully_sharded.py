@@ -46,8 +46,9 @@ ZeRO-3 the ecosystem uses; the TP layers see plain tensors (the gathered local T
 forward and backward, so nothing in ``parallel/`` changes. What FSDP2 does not know is ours:
 
 * the TP metadata (``tp_spec``, ``tp_grad_sum``) is carried onto the sharded DTensor parameters
-  (what the optimizer, checkpoints and export read) and, by a forward pre-hook that runs after
-  FSDP2's own (registered ``prepend=True``), onto the gathered parameters the TP layers use;
+  (what the optimizer, checkpoints and export read), put back after ``model.to(...)`` (whose
+  ``swap_tensors`` drops a DTensor parameter's attributes) and, by a forward pre-hook that runs
+  after FSDP2's own (registered ``prepend=True``), onto the gathered parameters the TP layers use;
 * :class:`FullyShardedOptimizer` steps the inner optimizer on plain aliases of the local fp32
   shards, adds the TP sums and the global norm, and speaks ``ShardedOptimizer``'s checkpoint
   interface (state pieces addressed by flat range of the local TP tensor).
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +160,16 @@ def _tag_hook(entries):
     return hook
 
 
+def _apply_keeping_tp_metadata(self, *args, **kwargs):
+    """``nn.Module._apply`` (``model.to(...)``, as the Trainer and accelerate call it) converts each DTensor
+    parameter through ``torch.utils.swap_tensors``, which swaps the Python objects' ``__dict__`` too: the
+    parameter keeps its identity but loses ``tp_spec``/``tp_grad_sum``. Put them back after the conversion."""
+    out = type(self)._apply(self, *args, **kwargs)
+    for module, entries in self.tp_carried_metadata.items():
+        _tag(module, entries)
+    return out
+
+
 def is_dp_sharded(model: nn.Module) -> bool:
     """Whether ``model`` went through :func:`shard_parameters_over_dp` (its parameters are dp shards)."""
     return isinstance(model, FSDPModule)
@@ -191,6 +203,8 @@ def shard_parameters_over_dp(model: nn.Module, context: ParallelContext) -> nn.M
     for module, entries in carried.items():
         _tag(module, entries)  # the sharded DTensor parameters
         module.register_forward_pre_hook(_tag_hook(entries))
+    model.tp_carried_metadata = carried
+    model._apply = types.MethodType(_apply_keeping_tp_metadata, model)  # this instance only (upstream.py)
     model.tp_compute_dtype = compute
     logger.info(f"zero_stage=3: {len(blocks)} blocks + embeddings + root sharded over dp={context.dp_size} "
                 f"(fp32 shards, compute in {str(compute).removeprefix('torch.')})")

@@ -43,13 +43,13 @@ IDS = torch.tensor([[5, 17, 42, 8, 77, 3, 60, 21, 11, 30], [9, 9, 31, 64, 2, 90,
 STEPS, SAVE_AT = 6, 3
 
 
-def lora_model(case, *, random_b=False, modules_to_save=None):
+def lora_model(case, *, random_b=False, modules_to_save=None, dtype=torch.float32):
     """Seeded base + seeded adapters; ``random_b``: B initialised randomly too (PEFT's default B = 0 would make
-    the first step's A gradient zero, hiding its TP sum)."""
+    the first step's A gradient zero, hiding its TP sum). A 16-bit base gets fp32 adapters (PEFT's default)."""
     from peft import LoraConfig, get_peft_model
 
     family, targets = CASES[case]
-    base = tiny_model(family)
+    base = tiny_model(family, dtype=dtype)
     torch.manual_seed(1)
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT.get(case, 0.0), target_modules=targets,
                         init_lora_weights=not random_b, fan_in_fan_out=family == "gpt2",
@@ -152,7 +152,7 @@ def step_world(out_dir):
 
     ctx = ParallelContext.from_environment(2, use_cpu=True)
     counter = _count_all_reduces()
-    results = {}
+    results = {"bf16_all_reduces": _bf16_all_reduces(ctx, counter)}
     for case, (family, targets) in CASES.items():
         model = _sharded(lora_model(case, random_b=True), ctx).train()
         counter["n"] = 0
@@ -186,6 +186,21 @@ def step_world(out_dir):
     return results
 
 
+def _bf16_all_reduces(ctx, counter):
+    """All-reduces of a training step of a bf16 Llama with fp32 adapters (PEFT casts the adapters' input to
+    fp32, a new tensor) and of the same model without adapters, its targeted linears trainable."""
+    counts = []
+    for model in (lora_model("llama", random_b=True, dtype=torch.bfloat16), tiny_model("llama", dtype=torch.bfloat16)):
+        if not hasattr(model, "peft_config"):
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.rsplit(".", 2)[-2] in CASES["llama"][1])
+        model = _sharded(model, ctx).train()
+        counter["n"] = 0
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        counts.append(counter["n"])
+    return tuple(counts)
+
+
 @pytest.fixture(scope="module")
 def one_step(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora_step"))
@@ -211,6 +226,8 @@ def test_tp2_step_equals_single_process_peft(one_step, case):
         assert got["frozen_with_grad"] == [], "frozen base weights must get no gradient"
         lora_reduces, plain_reduces = got["all_reduces"]
         assert lora_reduces == plain_reduces > 0, "the adapters must ride on the base layers' collectives"
+        lora_reduces, plain_reduces = rank["bf16_all_reduces"]  # fp32 adapters on a bf16 base: the same
+        assert lora_reduces == plain_reduces > 0
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

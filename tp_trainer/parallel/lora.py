@@ -15,9 +15,10 @@ collective of their own** in forward or backward:
   - ``dA = sum_r dh_r^T drop(x)``: each rank holds a partial sum, added over TP with the other
     partial gradients (``param.tp_grad_sum``, ``r x d_in`` elements per optimizer step);
   - ``dx`` through the adapter, ``drop'(A^T dh_r)``, is partial too: a forward pre-hook on the
-    adapter's dropout gives it ``f(x)`` from ``copy_to_tp_region_once``, the very node the base
-    (and its q/k/v or gate/up siblings) took, so one all-reduce sums the base's and the adapter's
-    parts (:func:`adapt_column_parallel`);
+    LoRA layer replaces its input by ``f(x)`` from ``copy_to_tp_region_once`` (the node its q/k/v or
+    gate/up siblings share) and the base skips its own ``f`` (``copy_input = False``), so one
+    all-reduce sums the base's and the adapter's parts, also when PEFT casts the adapter's input to
+    the adapter's dtype (fp32 adapters on a 16-bit base) (:func:`adapt_column_parallel`);
   - ``dB_r = s dy_r^T h`` is exact (``h`` is replicated).
 
 * **Row-parallel base** (``y = g(x_r W_r^T) + b``, rank ``r`` holds input columns ``W_r``): ``A_r``
@@ -56,7 +57,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from .layers import RowParallelLinear
+from .layers import ColumnParallelLinear, RowParallelLinear
 from .mappings import copy_to_tp_region_once
 
 
@@ -114,17 +115,26 @@ def adapter_names(layer: nn.Module) -> list[str]:
 
 
 def adapt_column_parallel(layer: nn.Module, tp_group) -> None:
-    """Give the adapters of a LoRA layer around a column-parallel base the base's ``f(x)``: their partial
-    input gradients join the base's at one all-reduce (see the module docstring). Like the base, skipped
-    where no input gradient is wanted."""
-    def shared_f(module, args):
-        x = args[0]
-        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
-            return (copy_to_tp_region_once(x, tp_group), *args[1:])
-        return None
+    """Feed a LoRA layer around a column-parallel base ``f(x)`` once, for the base and its adapters: their
+    partial input gradients meet at one all-reduce (see the module docstring). Like the base's own ``f``,
+    skipped where no input gradient is wanted."""
+    base = layer.base_layer
+    if not isinstance(base, ColumnParallelLinear):
+        raise TypeError(f"adapt_column_parallel expects a ColumnParallelLinear base layer, got {type(base).__name__}")
+    base.copy_input = False
 
-    for dropout in layer.lora_dropout.values():
-        dropout.register_forward_pre_hook(shared_f)
+    def shared_f(module, args, kwargs):
+        if args:
+            x, rest = args[0], args[1:]
+        elif "x" in kwargs:
+            x, rest = kwargs.pop("x"), ()
+        else:
+            raise TypeError(f"{type(module).__name__}.forward called without its input x")
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            x = copy_to_tp_region_once(x, tp_group)
+        return (x, *rest), kwargs
+
+    layer.register_forward_pre_hook(shared_f, with_kwargs=True)
 
 
 class SlicedInputDropout(nn.Module):

@@ -40,7 +40,7 @@ LAYERS = {
     "trainer": "trainer", "accelerator": "trainer", "args": "trainer", "checks": "trainer", "tp_config": "trainer",
     "trl": "trainer",
     "extras": "extras",
-    "preemption": "trainer",
+    "preemption": "trainer", "resilience": "trainer",
     "app": "app",
     "commands": "commands", "cli": "commands",
     "upstream": "table",

@@ -242,3 +242,211 @@ def test_the_resumed_run_ends_bit_identical_to_an_uninterrupted_one(preempted, l
     # not vacuous: the weights moved during the resumed steps
     moved = [n for n in ref["weights"] if not torch.equal(ref["weights"][n], tiny_model("llama").state_dict()[n])]
     assert moved
+
+
+# ------------------------------------------------------------------------------------ launched worlds
+# tests/scripts/resilient_train.py (what `tp-trainer train` wires in) on 2 ranks (tp=2, ZeRO-1), launched the
+# way `tp-trainer train` launches itself: tp_trainer.app.launch.relaunch in a parent process, torch's elastic
+# agent under it. 20 steps, a checkpoint every 4 (the last 2 kept); resumed runs must end with the weights
+# and the loss curve of the uninterrupted one, bit for bit (fp32 on the CPU, same operations in the same order).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "resilient_train.py")
+RUN_STEPS = 20
+RELAUNCH = ("import sys; from tp_trainer.app.launch import relaunch; "
+            "sys.exit(relaunch(sys.argv[4:], 2, max_restarts=int(sys.argv[1]), shutdown_timeout=int(sys.argv[2]), "
+            "output_dir=sys.argv[3], entry=[{script!r}]))")
+
+
+def launch(out, *, max_restarts=2, shutdown_timeout=30, ddp_timeout=60, env=None):
+    """The parent process (``tp-trainer train``'s role) of one launch; its output merged into ``stdout``."""
+    import subprocess
+    import sys
+
+    argv = ["--output_dir", str(out), "--tp_size", "2", "--zero_stage", "1", "--max_steps", str(RUN_STEPS),
+            "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "2",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--resume_from_checkpoint", "auto",
+            "--ddp_timeout", str(ddp_timeout)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    code = RELAUNCH.format(script=SCRIPT)
+    return subprocess.Popen([sys.executable, "-c", code, str(max_restarts), str(shutdown_timeout), str(out), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def final_state(out):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out, "log_history.json")) as f:
+        losses = {h["step"]: h["loss"] for h in json.load(f) if "loss" in h}
+    return load_file(os.path.join(out, "final", "model.safetensors")), losses
+
+
+def assert_same_run(out, ref):
+    weights, losses = final_state(out)
+    want_weights, want_losses = ref
+    assert sorted(losses) == list(range(1, RUN_STEPS + 1)) and losses == want_losses
+    assert weights.keys() == want_weights.keys()
+    for name, want in want_weights.items():
+        assert torch.equal(weights[name], want), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    code, log = finish(launch(out))
+    assert code == 0, log[-3000:]
+    return final_state(out)
+
+
+def test_killed_ranks_are_restarted_and_the_run_ends_bit_identical(tmp_path, uninterrupted):
+    # first attempt: rank 1 is SIGKILLed as step 7 begins (rank 0 waits in the shared-memory all-reduce);
+    # second: rank 0 is SIGKILLed during the save of checkpoint-12, after writing its files, before the manifest
+    kills = "7:1:0:step,12:0:1:save"
+    code, log = finish(launch(tmp_path, env={"RESILIENCE_KILLS": kills}))
+    assert code == 0, log[-3000:]
+    starts = [line for line in log.splitlines() if line.startswith("START ")]
+    assert starts == [f"START starting from step 0: no complete checkpoint in {tmp_path} (auto)",
+                      "START resuming from step 4 (checkpoint-4; restart 1)",
+                      "START resuming from step 8 (checkpoint-8; restart 2)"], starts
+    assert "waited" in log and "for rank 1 (pid" in log and "has exited" in log  # the first kill, named at once
+    assert_same_run(tmp_path, uninterrupted)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-16", "checkpoint-20", "final", "log_history.json"]
+
+
+def signal_when(proc, first_step, send):
+    """Read ``proc``'s output; at the first ``STEP n`` with ``n >= first_step`` call ``send(proc)``."""
+    import time
+
+    lines, sent = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if sent is None and line.startswith("STEP ") and int(line.split()[1]) >= first_step:
+            send(proc)
+            sent = time.monotonic()
+    proc.wait(timeout=300)
+    return proc.returncode, "".join(lines), (time.monotonic() - sent) if sent else None
+
+
+def worker_pids(parent_pid):
+    """The workers of a launch: the children of the agent, the parent's child (``pgrep -P``), by rank order."""
+    import subprocess
+
+    agent = int(subprocess.check_output(["pgrep", "-P", str(parent_pid)]).split()[0])
+    return sorted(int(p) for p in subprocess.check_output(["pgrep", "-P", str(agent)]).split())
+
+
+def saved_step(out):
+    from tp_trainer.app.resume import checkpoint_step, newest_complete_checkpoint
+
+    return checkpoint_step(newest_complete_checkpoint(str(out))[0])
+
+
+def test_preemption_through_the_launcher_exits_0_and_the_next_launch_continues(tmp_path, uninterrupted):
+    slow = {"RESILIENCE_STEP_SLEEP": "0.3"}  # so that the signal lands mid-run
+    # 1. SIGTERM to the parent (`tp-trainer train`, as a scheduler sends it): passed to the agent, then the workers
+    code, log, took = signal_when(launch(tmp_path, env=slow), 5, lambda p: p.send_signal(signal.SIGTERM))
+    first = saved_step(tmp_path)
+    assert code == 0, log[-3000:]
+    assert 5 <= first < RUN_STEPS and f"checkpoint-{first}" in os.listdir(tmp_path)
+    assert (f"tp-trainer train: stopped by SIGTERM after saving checkpoint-{first}; the same command continues "
+            f"from step {first}") in log
+    assert f"preempted (SIGTERM on rank 0, SIGTERM on rank 1): saved checkpoint-{first}" in log
+    assert took < 30, took  # the rest of a step (0.3 s), one save, the agent's 5 s monitor interval
+    # 2. SIGUSR1 (SLURM's warning) to rank 1 alone: every rank saves and exits 0, and so does the agent
+    code, log, took = signal_when(launch(tmp_path, env=slow), first + 2,
+                                  lambda p: os.kill(worker_pids(p.pid)[1], signal.SIGUSR1))
+    second = saved_step(tmp_path)
+    assert code == 0, log[-3000:]
+    assert f"START resuming from step {first} (checkpoint-{first}; auto)" in log
+    assert first + 2 <= second < RUN_STEPS and f"preempted (SIGUSR1 on rank 1): saved checkpoint-{second}" in log
+    assert "tp-trainer train: stopped by" not in log  # the agent itself succeeded: nothing to translate
+    # 3. the same command once more finishes the run, exactly as if it had never stopped
+    code, log = finish(launch(tmp_path))
+    assert code == 0 and f"START resuming from step {second} (checkpoint-{second}; auto)" in log, log[-3000:]
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_stopped_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
+    import time
+
+    ddp_timeout, shutdown = 8, 5  # shutdown: the grace after a SIGTERM (not used by a failure's teardown)
+    stopped = []
+
+    def stop_rank1(proc):
+        stopped.append(worker_pids(proc.pid)[1])
+        os.kill(stopped[0], signal.SIGSTOP)
+
+    start = time.monotonic()
+    try:
+        code, log, took = signal_when(launch(tmp_path, max_restarts=0, shutdown_timeout=shutdown,
+                                             ddp_timeout=ddp_timeout, env={"RESILIENCE_STEP_SLEEP": "0.3"}),
+                                      3, stop_rank1)
+    finally:
+        for pid in stopped:  # never leave a stopped process behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert code != 0, log[-3000:]
+    # bounded: the timeout, a liveness check (1 s), the agent's monitor interval (5 s), then torch's fixed 30 s
+    # between its SIGTERM (which a stopped process does not act on) and its SIGKILL, plus process exits
+    assert ddp_timeout <= took < ddp_timeout + 1 + 5 + 30 + 15, took
+    # rank 0 names the stopped rank and the operation, whichever collective it was waiting in: the TP
+    # all-reduce (shared memory) or one of the Trainer's own (the loss gather: the report's last line)
+    assert f"rank 1 (pid {stopped[0]}) is stopped (SIGSTOP or a debugger)" in log, log[-3000:]
+    named = [line for line in log.splitlines() if f"rank 1 (pid {stopped[0]}) is stopped" in line][0]
+    assert ("shared-memory all_reduce" in named or "shared-memory all_gather" in named
+            or "(torch.distributed), called from" in named), named
+    assert f"{ddp_timeout} s" in named and "--ddp_timeout" in named, named
+    assert time.monotonic() - start < 300
+
+
+def lost_peer_report_suite():
+    """A collective of torch's own (not wrapped by tp_trainer) times out because rank 1 is stopped: the report
+    names the operation, its caller and rank 1's state; a failure that is not a lost peer gets no report."""
+    import signal as signals
+
+    import torch.distributed as dist
+
+    from tp_trainer.parallel.collectives import bound_waits
+    from tp_trainer.resilience import PeerFailureReport
+
+    import sys
+
+    before = sys.excepthook
+    report = PeerFailureReport()
+    report.on_train_begin(None, None, None)
+    installed = sys.excepthook == report._hook
+    bound_waits(3, dist.group.WORLD)
+    pids = [identity[1] for identity in report.identities]
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signals.SIGSTOP)
+        return {}
+    try:
+        dist.all_gather([torch.zeros(2), torch.zeros(2)], torch.ones(2))
+        line = "no error"
+    except RuntimeError as err:
+        line = report.report(err)
+    finally:
+        os.kill(pids[1], signals.SIGCONT)
+    try:
+        raise RuntimeError("CUDA out of memory")
+    except RuntimeError as err:
+        unrelated = report.report(err)
+    report.uninstall()
+    return {"line": line, "pid": pids[1], "unrelated": unrelated, "hook": installed and sys.excepthook is before}
+
+
+def test_a_lost_peer_in_torchs_own_collective_is_named():
+    rank0, _ = run_distributed(lost_peer_report_suite, 2)
+    line = rank0["line"]
+    assert line.startswith("rank 0 gave up on all_gather (torch.distributed), called from tests/test_resilience.py:"), \
+        line
+    assert "in lost_peer_report_suite (the process group's timeout is 3 s, --ddp_timeout)" in line, line
+    assert line.endswith(f"rank 1 (pid {rank0['pid']}) is stopped (SIGSTOP or a debugger)."), line
+    assert rank0["unrelated"] is None and rank0["hook"]  # installed for training, the previous one back after

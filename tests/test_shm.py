@@ -294,7 +294,7 @@ def test_peer_states_from_proc():
     import subprocess
     import sys
 
-    from tp_trainer.parallel.shm import peer_state, process_identity
+    from tp_trainer.parallel.peers import peer_state, process_identity
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

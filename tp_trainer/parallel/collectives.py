@@ -43,12 +43,11 @@ import torch.distributed as dist
 from torch._opaque_base import OpaqueBase
 from torch.profiler import record_function
 
+from .peers import PEER_FAILURE_WORDS
+
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 DEFAULT_TIMEOUT_S = 1800.0  # torch's default for gloo groups (and ddp_timeout's default)
-# how the backends word a peer that is gone or late (gloo: "Timed out waiting 30000ms for recv operation",
-# "Connection closed by peer"; NCCL: "Watchdog caught collective operation timeout")
-_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
 
 
 class PeerFailure(RuntimeError):
@@ -118,7 +117,7 @@ class naming_failures:  # noqa: N801 (used as a context manager, like contextlib
 
     def __exit__(self, kind, err, tb):
         if (kind is None or not issubclass(kind, RuntimeError) or isinstance(err, PeerFailure)
-                or not any(s in str(err).lower() for s in _PEER_FAILURES)):
+                or not any(s in str(err).lower() for s in PEER_FAILURE_WORDS)):
             return False
         raise PeerFailure(describe_failure(self.operation, self.group, time.monotonic() - self.start,
                                            str(err))) from err

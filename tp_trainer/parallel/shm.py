@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import PeerFailure, group_timeout_s
+from .peers import peer_state, process_identity, state_words
 
 _FLAG_STRIDE = 8  # int64 entries per flag: one 64-byte cache line each, no false sharing
 _SUPPORTED_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
@@ -172,7 +173,7 @@ class SharedMemoryTransport:
         if not dead and waited_s <= timeout:
             return
         who = "; ".join(f"rank {self.global_ranks[j]}" + (f" (pid {self.peers[j][0]})" if self.peers else "")
-                        + f" {_STATE_WORDS[states[j]]}" for j in (dead or late))
+                        + _late_words(states[j]) for j in (dead or late))
         when = "" if dead else f" within {timeout:.0f} s (the process group's timeout, --ddp_timeout)"
         raise PeerFailure(
             f"shared-memory {self._operation} (op {seq}) over ranks {self.global_ranks} on rank "
@@ -184,35 +185,10 @@ class SharedMemoryTransport:
                "(or TP_TRAINER_SHM_ALLREDUCE=0) uses the backend's collectives instead."))
 
 
-_STATE_WORDS = {"exited": "has exited", "stopped": "is stopped (SIGSTOP or a debugger) and has not arrived",
-                "running": "is running but has not arrived", "unknown": "has not arrived"}
-
-
-def process_identity(pid: int | None = None) -> tuple[int, int | None]:
-    """``(pid, start time in clock ticks since boot)`` of a process; the start time tells a reused pid apart."""
-    pid = os.getpid() if pid is None else pid
-    return pid, _proc_stat(pid)[1]
-
-
-def _proc_stat(pid: int) -> tuple[str | None, int | None]:
-    """(state letter, start time) from ``/proc/PID/stat``; ``(None, None)`` when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-    except OSError:
-        return None, None
-    return fields[0], int(fields[19])  # field 3 (state) and field 22 (starttime) of proc(5)
-
-
-def peer_state(pid: int, start: int | None) -> str:
-    """``"exited"`` (gone, a zombie, or its pid reused), ``"stopped"``, ``"running"``, or ``"unknown"``
-    (no ``/proc`` record of it at setup)."""
-    if start is None:
-        return "unknown"
-    state, now_start = _proc_stat(pid)
-    if state is None or state in "ZXx" or now_start != start:
-        return "exited"
-    return "stopped" if state in "Tt" else "running"
+def _late_words(state: str) -> str:
+    if state == "unknown":
+        return " has not arrived"
+    return f" {state_words(state)}" + ("" if state == "exited" else " and has not arrived")
 
 
 def _combine(slots: torch.Tensor, op, out: torch.Tensor) -> None:

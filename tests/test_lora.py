@@ -372,6 +372,14 @@ def test_checkpoints_hold_the_trainable_tensors_and_resume_exactly_and_repartiti
     assert resumed_losses(tp1) == pytest.approx(full[SAVE_AT:], abs=1e-5)
 
 
+def test_a_lora_checkpoint_is_refused_for_a_model_without_the_lora_wrapper(trained):
+    from tp_trainer.checkpoint import CheckpointError, CheckpointReader
+
+    base, _ = trained
+    with pytest.raises(CheckpointError, match="wrap the base model with the run's LoRA config"):
+        CheckpointReader.open(f"{base}/run/checkpoint-{SAVE_AT}", model=tiny_model("llama"))
+
+
 def test_export_merge_lora_writes_the_merged_model(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -394,6 +402,12 @@ def test_export_merge_lora_writes_the_merged_model(trained, tmp_path):
         logits = merged(input_ids=IDS).logits
     for rank in ranks:
         torch.testing.assert_close(rank["full"]["logits"], logits, atol=1e-5, rtol=0)
+    # 16-bit as save_model writes it: merged in fp32, then one cast
+    assert main(["export", ckpt, str(tmp_path / "bf16"), "--merge-lora", "--base-model", base_dir, "--dtype",
+                 "bf16"]) == 0
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    for name, p in bf16.state_dict().items():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, merged.state_dict()[name].to(torch.bfloat16)), name
 
 
 # ------------------------------------------------------------------------------------------- recipes

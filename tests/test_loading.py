@@ -448,8 +448,11 @@ def test_dtype_config_overrides_and_the_marker_follow_from_pretrained(llama_dir)
     state = sharded_state(mine)
     assert state is not None and state.plan.tp_size == 1 and state.full_parameters == ref.num_parameters()
     assert sharded_state(ref) is None
-    with pytest.raises(LoadError, match="loaded by tp_trainer.from_pretrained for tp_size=1, but tp_size=2"):
-        sharded_state(mine, tp_size=2)
+    assert state.structure == [(n, tuple(p.shape)) for n, p in ref.named_parameters()]
+    with pytest.raises(LoadError, match=r"loaded by tp_trainer.from_pretrained with tp_size=1 \(asked: tp_size=2\), "
+                                        r"cpu_kernels='auto' \(asked: cpu_kernels='off'\): load it with the same"):
+        sharded_state(mine, tp_size=2, cpu_kernels="off")
+    assert sharded_state(mine, tp_size=1, use_cpu=state.context.device.type == "cpu", cpu_kernels="auto") is state
 
 
 def test_a_checkpoint_holding_both_tied_tensors_is_tied_as_transformers_ties_it(tmp_path):

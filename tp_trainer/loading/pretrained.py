@@ -47,6 +47,7 @@ class ShardedState(NamedTuple):
     plan: Plan
     context: ParallelContext
     full_parameters: int  # parameters of the unsharded model (tied ones once)
+    structure: list[tuple[str, tuple[int, ...]]]  # the unsharded model's (parameter name, shape), in order
 
 
 def from_pretrained(name_or_path, tp_size: int | None = None, *, context: ParallelContext | None = None,
@@ -75,6 +76,7 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
     resolve_ties(model, keymap, files, dtypes)
     check_sources(model, keymap, files)
     full_parameters = sum(p.numel() for p in model.parameters())
+    structure = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
     compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)
     apply_tensor_parallel(model, plan, context)
@@ -92,19 +94,31 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
                                    proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
                                    trust_remote_code=kwargs.get("trust_remote_code"))
     model.eval()  # as from_pretrained returns it
-    setattr(model, MARKER, ShardedState(plan, context, full_parameters))
+    setattr(model, MARKER, ShardedState(plan, context, full_parameters, structure))
     logger.info(f"tp_trainer: {path} loaded shard-only on rank {context.rank} (tp_rank {context.tp_rank} of "
                 f"{context.tp_size}): {held / 2**20:.1f} MiB of weights in "
                 f"{time.perf_counter() - start:.1f} s")
     return model
 
 
-def sharded_state(model: nn.Module, *, tp_size: int | None = None) -> ShardedState | None:
+def sharded_state(model: nn.Module, *, tp_size: int | None = None, use_cpu: bool | None = None,
+                  cpu_kernels: str | None = None) -> ShardedState | None:
     """The :class:`ShardedState` of a model built by :func:`from_pretrained`; None for any other model.
 
-    With ``tp_size``: a model sharded for another tp size is an error naming both."""
+    The keywords are what the caller (``TPTrainer``: its arguments) would have built the context with; a model
+    loaded on another layout or device is an error naming both values and the fix."""
     state = getattr(model, MARKER, None)
-    if state is not None and tp_size is not None and state.context.tp_size != tp_size:
-        raise LoadError(f"the model was loaded by tp_trainer.from_pretrained for tp_size={state.context.tp_size}, "
-                        f"but tp_size={tp_size} was asked for: load it with tp_size={tp_size}")
+    if state is None:
+        return None
+    ctx = state.context
+    wrong = []
+    if tp_size is not None and ctx.tp_size != tp_size:
+        wrong.append(f"tp_size={ctx.tp_size} (asked: tp_size={tp_size})")
+    if use_cpu and ctx.device.type != "cpu":
+        wrong.append(f"device {ctx.device} (asked: use_cpu=True)")
+    if cpu_kernels is not None and ctx.kernels.cpu_kernels != cpu_kernels:
+        wrong.append(f"cpu_kernels={ctx.kernels.cpu_kernels!r} (asked: cpu_kernels={cpu_kernels!r})")
+    if wrong:
+        raise LoadError(f"the model was loaded by tp_trainer.from_pretrained with {', '.join(wrong)}: load it with "
+                        "the same tp_size, use_cpu and cpu_kernels as the training arguments")
     return state

@@ -450,3 +450,86 @@ def test_a_lost_peer_in_torchs_own_collective_is_named():
     assert "in lost_peer_report_suite (the process group's timeout is 3 s, --ddp_timeout)" in line, line
     assert line.endswith(f"rank 1 (pid {rank0['pid']}) is stopped (SIGSTOP or a debugger)."), line
     assert rank0["unrelated"] is None and rank0["hook"]  # installed for training, the previous one back after
+
+
+# ------------------------------------------------------------------------------------ two nodes on loopback
+def script_argv(out):
+    return ["--output_dir", str(out), "--tp_size", "2", "--zero_stage", "1", "--max_steps", str(RUN_STEPS),
+            "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "2",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--resume_from_checkpoint", "auto",
+            "--ddp_timeout", "60"]
+
+
+def torchrun(out, *launch_args):
+    import subprocess
+    import sys
+
+    from tp_trainer.app.launch import launcher_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch_args, "--monitor-interval", "5", SCRIPT,
+           *script_argv(out)]
+    env = launcher_env(2, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def node(out, port):
+    """One 'node' of the README's multi-node command: 2 processes, c10d rendezvous at 127.0.0.1:port."""
+    return torchrun(out, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                    f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--max-restarts", "2")
+
+
+def kill_node(proc):
+    """SIGKILL a node: its agent and its workers (each worker runs in a session of its own)."""
+    import subprocess
+
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_two_nodes_give_the_losses_of_one_and_survive_losing_a_node(tmp_path):
+    """tp=2 x dp=2 (ZeRO-1) as two loopback nodes of two processes against four processes on one node: the same
+    ranks, groups and operations, so the loss at every step and the final weights are identical bit for bit.
+    Node 1 (not the rendezvous host) is killed at step >= 6 and started again; node 0's agent restarts its
+    workers, both rejoin, and the run resumes from checkpoint-4 (or later) and ends as if nothing happened."""
+    import threading
+    import time
+
+    from distributed import free_port
+
+    one_node = tmp_path / "one_node"
+    proc = torchrun(one_node, "--standalone", "--nproc-per-node", "4")
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    reference = final_state(one_node)
+
+    out, port = tmp_path / "two_nodes", free_port()
+    first = node(out, port)
+    time.sleep(1)  # node 0 hosts the rendezvous store
+    second = node(out, port)
+    drained = []
+    drain = threading.Thread(target=lambda: drained.append(second.communicate()[0]), daemon=True)
+    drain.start()
+    lines, replacement = [], None
+    try:
+        for line in first.stdout:
+            lines.append(line)
+            if replacement is None and line.startswith("STEP ") and int(line.split()[1]) >= 6:
+                kill_node(second)
+                drain.join()
+                replacement = node(out, port)
+        first.wait(timeout=600)
+        replacement_log = replacement.communicate(timeout=120)[0]
+    finally:
+        for proc in (first, second, replacement):
+            if proc is not None and proc.poll() is None:
+                kill_node(proc)
+    log = "".join(lines)
+    assert first.returncode == 0 and replacement.returncode == 0, log[-3000:] + replacement_log[-2000:]
+    starts = [line for line in lines if line.startswith("START ")]
+    assert len(starts) == 2 and starts[1].startswith("START resuming from step ") and "restart 1)" in starts[1], starts
+    assert_same_run(out, reference)

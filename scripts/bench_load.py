@@ -80,7 +80,11 @@ def make_checkpoint(path: str, args) -> int:
 
     marker = os.path.join(path, "bench_shape.json")
     shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
-    if not (os.path.isfile(marker) and json.load(open(marker)) == shape):
+    made = None
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            made = json.load(f)
+    if made != shape:
         cfg = T.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                             vocab_size=args.vocab, tie_word_embeddings=False)
@@ -89,7 +93,8 @@ def make_checkpoint(path: str, args) -> int:
         model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         model.save_pretrained(path, max_shard_size="500MB")
         del model
-        json.dump(shape, open(marker, "w"))
+        with open(marker, "w") as f:
+            json.dump(shape, f)
         print(f"checkpoint made in {time.perf_counter() - start:.0f} s: {path}", flush=True)
     from tp_trainer.loading.files import SafetensorsDir
 
@@ -165,12 +170,16 @@ def run_method(method: str, args) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "--monitor-interval", "1",
            __file__, "--worker", "--method", method, "--tp", str(args.tp), "--dir", args.dir, "--out", args.out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     tag = method.replace(" ", "_").replace("+", "_")
     paths = [os.path.join(args.out, f"{tag}-{r}.json") for r in range(args.tp)]
     if proc.returncode != 0 and not all(os.path.isfile(p) for p in paths):
         return [{"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}]
-    return [json.load(open(p)) for p in paths]
+    results = []
+    for p in paths:
+        with open(p) as f:
+            results.append(json.load(f))
+    return results
 
 
 def main():
@@ -197,8 +206,8 @@ def main():
     print(f"checkpoint: {total / 1e9:.2f} GB of bf16 tensors in {args.dir}; tp={args.tp}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     rows = {m: run_method(m, args) for m in args.methods.split(",")}
-    print(f"| method | load (s) | + first touch (s) | peak added (GB) | / checkpoint | peak added, weights touched "
-          f"(GB) | / checkpoint | sampled peak anon / file (GB) | held (GB) | weights |")
+    print("| method | load (s) | + first touch (s) | peak added (GB) | / checkpoint | peak added, weights touched "
+          "(GB) | / checkpoint | sampled peak anon / file (GB) | held (GB) | weights |")
     print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
     reference = rows.get("full+shard")
     for method, ranks in rows.items():

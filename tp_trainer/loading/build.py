@@ -62,7 +62,8 @@ def split_kwargs(kwargs: dict) -> dict:
     return dict(kwargs)
 
 
-def build_meta_model(path: str, files: SafetensorsDir, kwargs: dict, *, model_class=None) -> tuple[nn.Module, torch.dtype]:
+def build_meta_model(path: str, files: SafetensorsDir, kwargs: dict, *,
+                     model_class=None) -> tuple[nn.Module, torch.dtype]:
     """``(model, dtype)``: ``model_class`` (an auto class, default ``AutoModelForCausalLM``, or a model class) of
     ``path`` on ``meta``, and the dtype ``from_pretrained`` settled on."""
     kwargs = split_kwargs(kwargs)

@@ -24,8 +24,15 @@ import copy
 import torch
 import torch.nn as nn
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (Concatenate, MergeModulelist, Transpose, WeightConverter, WeightRenaming,
-                                             dot_natural_key, rename_source_key)
+from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
+    Transpose,
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+)
 from transformers.utils import logging
 
 from .files import LoadError, SafetensorsDir
@@ -118,9 +125,9 @@ def _converted_sources(model, files: SafetensorsDir, first: str, converter: Weig
                         model.config)
     except Exception as err:
         raise LoadError(f"transformers' conversion {converter!r} of {keys[:4]}{' ...' if len(keys) > 4 else ''} "
-                        f"({where}) into {first} failed on meta tensors ({type(err).__name__}: {err}); tp_trainer cannot "
-                        "read it shard by shard: load the model with transformers' from_pretrained and shard it with "
-                        "plan_tensor_parallel + apply_tensor_parallel") from None
+                        f"({where}) into {first} failed on meta tensors ({type(err).__name__}: {err}); tp_trainer "
+                        "cannot read it shard by shard: load the model with transformers' from_pretrained and shard "
+                        "it with plan_tensor_parallel + apply_tensor_parallel") from None
     out: dict[str, Source] = {}
     for target, meta in produced.items():
         if lazy is not None and len(produced) == 1 and tuple(lazy.shape) == tuple(meta.shape):

@@ -24,12 +24,14 @@ the TP layers take such values from the modules they replace, and the model's in
 knows its own module classes.
 
 No communication: each rank reads its own slices. Host memory: the loaded shards plus one
-segment (a Stack or Cat source: plus one of its pieces) in flight.
+segment in flight (a Stack or Cat source: plus one of its pieces; a column split: plus the
+reader's bounce buffer, :data:`~.files.BOUNCE_BYTES`).
 """
 
 from __future__ import annotations
 
 import os
+
 import torch
 import torch.nn as nn
 from transformers.utils import logging

@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from ..parallel.context import ParallelContext
 from ..planner import Plan, apply_tensor_parallel, plan_tensor_parallel
-from .build import build_meta_model, check_directory
+from .build import build_meta_model, check_directory, split_kwargs
 from .files import LoadError, SafetensorsDir
 from .keys import map_sources, resolve_ties
 from .materialize import check_sources, compute_buffers, materialize, target_dtypes
@@ -61,26 +61,27 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
     ``key_mapping`` and ``**kwargs``: as for transformers' ``from_pretrained`` (``dtype``, ``attn_implementation``,
     ``trust_remote_code``, config overrides; options that place or fetch weights otherwise are refused).
     """
-    if context is None:
-        if tp_size is None:
-            raise LoadError("tp_trainer.from_pretrained needs tp_size= (or context=)")
-        context = ParallelContext.from_environment(tp_size, use_cpu=use_cpu, cpu_kernels=cpu_kernels)
-    elif tp_size is not None and tp_size != context.tp_size:
+    if context is None and tp_size is None:
+        raise LoadError("tp_trainer.from_pretrained needs tp_size= (or context=)")
+    if context is not None and tp_size is not None and tp_size != context.tp_size:
         raise LoadError(f"tp_size={tp_size} but context has tp_size={context.tp_size}: pass one of them")
     start = time.perf_counter()
     path = check_directory(name_or_path)
-    files = SafetensorsDir(path)
-    model, dtype = build_meta_model(path, files, kwargs, model_class=model_class)
-    keymap = map_sources(model, files, key_mapping=key_mapping)
-    dtypes = target_dtypes(model, model._get_dtype_plan(dtype))
-    resolve_ties(model, keymap, files, dtypes)
-    check_sources(model, keymap, files)
-    full_parameters = sum(p.numel() for p in model.parameters())
-    structure = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
-    compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)
-    apply_tensor_parallel(model, plan, context)
+    split_kwargs(kwargs)  # refused options, before the process group
+    files = SafetensorsDir(path)  # headers: a missing or truncated file fails here
     try:
+        if context is None:
+            context = ParallelContext.from_environment(tp_size, use_cpu=use_cpu, cpu_kernels=cpu_kernels)
+        model, dtype = build_meta_model(path, files, kwargs, model_class=model_class)
+        keymap = map_sources(model, files, key_mapping=key_mapping)
+        dtypes = target_dtypes(model, model._get_dtype_plan(dtype))
+        resolve_ties(model, keymap, files, dtypes)
+        check_sources(model, keymap, files)
+        full_parameters = sum(p.numel() for p in model.parameters())
+        structure = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
+        compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)
+        apply_tensor_parallel(model, plan, context)
         held = materialize(model, keymap, files, device=context.device, dtypes=dtypes)
     finally:
         files.close()

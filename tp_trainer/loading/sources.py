@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -46,7 +45,7 @@ class Leaf:
 @dataclass(frozen=True)
 class Stack:
     dim: int
-    items: tuple["Source", ...]
+    items: tuple[Source, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -64,7 +63,7 @@ class Stack:
 @dataclass(frozen=True)
 class Cat:
     dim: int
-    items: tuple["Source", ...]
+    items: tuple[Source, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,7 +83,7 @@ class Cat:
 class Transposed:
     dim0: int
     dim1: int
-    item: "Source"
+    item: Source
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -114,7 +113,7 @@ class Converted:
         return list(self.sources)
 
 
-Source = Union[Leaf, Stack, Cat, Transposed, Converted]
+Source = Leaf | Stack | Cat | Transposed | Converted
 
 
 def check_consistent(src: Source) -> str | None:

@@ -294,3 +294,16 @@ def test_sequence_parallel_in_the_deepspeed_style_config(tmp_path):
     path.write_text(json.dumps({"tensor_parallel": {"sequence_parallel": "yes"}}))
     with pytest.raises(ValueError, match="tensor_parallel.sequence_parallel must be true or false, got 'yes'"):
         read_tp_config(str(path))
+
+
+def test_the_training_argument(tmp_path):
+    from transformers import HfArgumentParser
+
+    from tp_trainer import TPTrainingArguments
+
+    parser = HfArgumentParser(TPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none"])
+    assert args.sequence_parallel is False
+    with pytest.raises(ValueError, match=r"sequence_parallel=True with tp_size=1: .* set tp_size > 1"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none",
+                                            "--sequence_parallel"])

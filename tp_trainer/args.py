@@ -46,6 +46,11 @@ class TPArgumentsMixin:
                 "all-reduce, CPU causal attention, token-split 16-bit norms, fused RMSNorm, malloc tuning), "
                 "each where it applies; 'off': the stock PyTorch / transformers modules and gloo's collectives. "
                 "GPU runs use none of them either way."})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "Sequence parallelism: the activations between the tensor-parallel regions (norms, dropout, "
+                "residual adds) split along the sequence over the TP group, all-gathered before attention and MLP "
+                "and reduce-scattered after them: about 1/tp_size of their memory per rank, the same losses. "
+                "Needs tp_size > 1; replaces the CPU token-split norms."})
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -77,6 +82,11 @@ class TPArgumentsMixin:
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r} (ZeRO-3 is what TP replaces: "
                              "use tp_size with zero_stage 1 or 2)")
         self.user_tp_plan()  # parse errors surface now
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be true or false, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp_size == 1:
+            raise ValueError("sequence_parallel=True with tp_size=1: there is no TP group to split the sequence over; "
+                             "set tp_size > 1 or drop --sequence_parallel")
         from .parallel.kernels import check_cpu_kernels
 
         check_cpu_kernels(self.cpu_kernels)

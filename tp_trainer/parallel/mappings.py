@@ -69,8 +69,9 @@ def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         return out
     size = group.size()
     full = out.view(size, *x.shape).movedim(0, dim).reshape(*x.shape[:dim], size * x.shape[dim], *x.shape[dim + 1:])
-    # no copy made it a view of the buffer: detached (same storage), callers may modify it in place
-    return full.detach() if full._base is not None else full
+    # where no copy was needed it is a view of the buffer: detached (same storage, no autograd view), the
+    # callers' callers may modify it in place
+    return full.detach()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:

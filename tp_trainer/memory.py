@@ -359,6 +359,7 @@ class Fit:
     of ``seq_step``; 0: not even ``seq_step`` tokens) and the largest micro-batch at ``seq`` (0: not one),
     each with its simulated estimate (``None`` when nothing fits)."""
 
+    layout: str             # one line: model, parameters, tp x dp, ZeRO, dtype, device, checkpointing, SP
     budget: int
     batch: int
     seq: int
@@ -385,6 +386,13 @@ def fit_memory(config, budget: int, *, tp: int, dp: int, zero: int, dtype: str, 
     layout = _Layout(config, tp=tp, dp=dp, zero=zero, dtype=dtype, device=device, bucket_numel=bucket_numel,
                      checkpointing=checkpointing, cpu_kernels=cpu_kernels, sequence_parallel=sequence_parallel)
     estimates: dict[tuple[int, int], MemoryEstimate] = {}
+    line = (f"{config.model_type}: {layout.total_params / 1e9:.2f} B parameters; tp={tp} dp={dp} zero={zero} {dtype} "
+            f"on {device}{', activation checkpointing' if checkpointing else ''}"
+            f"{', sequence parallel' if layout.sequence_parallel else ''}; "
+            f"{layout.local / 1e9:.3f} B parameters on each rank")
+    if layout.persistent >= budget:  # the states alone fill it: no step fits
+        return Fit(layout=line, budget=budget, batch=batch, seq=seq, seq_step=seq_step, persistent=layout.persistent,
+                   longest_seq=0, at_longest_seq=None, largest_batch=0, at_largest_batch=None)
 
     def peak(b: int, s: int) -> int:
         if (b, s) not in estimates:
@@ -394,7 +402,7 @@ def fit_memory(config, budget: int, *, tp: int, dp: int, zero: int, dtype: str, 
     longest = _largest(lambda k: peak(batch, k * seq_step), budget, max_seq // seq_step,
                        max(1, seq // seq_step)) * seq_step
     largest = _largest(lambda b: peak(b, seq), budget, max_batch, batch)
-    return Fit(budget=budget, batch=batch, seq=seq, seq_step=seq_step, persistent=layout.persistent,
+    return Fit(layout=line, budget=budget, batch=batch, seq=seq, seq_step=seq_step, persistent=layout.persistent,
                longest_seq=longest, at_longest_seq=estimates.get((batch, longest)), largest_batch=largest,
                at_largest_batch=estimates.get((largest, seq)))
 

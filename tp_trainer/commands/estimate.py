@@ -114,13 +114,10 @@ def _print_fit(fit, config, *, as_json: bool) -> int:
 
         print(json.dumps(asdict(fit), indent=1))
         return 0
-    first = fit.at_longest_seq or fit.at_largest_batch
-    if first is not None:
-        print(first.table().splitlines()[0].split(", micro-batch")[0]
-              + (", activation checkpointing" if first.checkpointing else "")
-              + (", sequence parallel" if first.sequence_parallel else ""))
+    print(fit.layout)
     print(f"  budget per GPU                     {fit.budget / gib:9.2f} GiB")
-    print(f"  persistent (params, optimizer)     {fit.persistent / gib:9.2f} GiB")
+    print(f"  persistent (params, optimizer)     {fit.persistent / gib:9.2f} GiB"
+          + ("  (more than the budget: nothing fits)" if fit.persistent >= fit.budget else ""))
     if fit.longest_seq:
         limit = getattr(config, "max_position_embeddings", None)
         beyond = f" (beyond the config's max_position_embeddings {limit})" if limit and fit.longest_seq > limit else ""

@@ -250,6 +250,7 @@ def memory_suite():
             "all_sharded": all(type(p).__name__ == "DTensor" and p.dtype == torch.float32 for _, p in params),
             "local_numel": opt.local_numel(), "compute_dtype": str(model.tp_compute_dtype),
         }
+    out["meta"] = _meta_then_fill()
     ctx = _context(TP)
     model, opt = _build(ctx, "llama", 3, freeze=FROZEN)
     before = _full_masters(ctx, model, opt)
@@ -260,6 +261,36 @@ def memory_suite():
                      "trained": sorted(n for n, p in model.named_parameters() if p.requires_grad),
                      "local_numel": opt.local_numel()}
     return out
+
+
+def _meta_then_fill():
+    """What shard-only loading does with ZeRO-3: plan, TP-shard and dp-shard a ``meta`` model, allocate the shards
+    (``to_empty``), then write each TP-local tensor's dp rows. Against the same model sharded from real weights."""
+    from tp_trainer import apply_tensor_parallel, plan_tensor_parallel
+    from tp_trainer.zero import shard_parameters_over_dp
+    from tp_trainer.zero.fully_sharded import copy_into_param_, tp_local_tensor
+
+    ctx = _context(TP)
+    real = tiny_model("llama", dtype=torch.bfloat16)
+    plan = plan_tensor_parallel(real, TP)
+    apply_tensor_parallel(real, plan, ctx)
+    local = {n: p.detach().clone() for n, p in real.named_parameters()}  # what the loader reads for this rank
+    buffers = {n: b.clone() for n, b in real.named_buffers()}
+    shard_parameters_over_dp(real, ctx)
+    with torch.device("meta"):
+        model = tiny_model("llama", dtype=torch.bfloat16)
+    apply_tensor_parallel(model, plan, ctx)
+    shard_parameters_over_dp(model, ctx)
+    model.to_empty(device=ctx.device)  # every tensor, the computed buffers too: they are written again below
+    for n, p in model.named_parameters():
+        copy_into_param_(p, local[n])
+    for n, b in model.named_buffers():
+        b.copy_(buffers[n])
+    ids = global_batch(0).chunk(DP)[ctx.dp_rank]
+    same = all(torch.equal(tp_local_tensor(p), tp_local_tensor(q))
+               for (_, p), (_, q) in zip(model.named_parameters(), real.named_parameters()))
+    return {"same_shards": same, "losses": [m(input_ids=ids, labels=ids).loss.item() for m in (model, real)],
+            "compute_dtype": str(model.tp_compute_dtype)}
 
 
 def theory(shapes: dict, rows: dict) -> dict:
@@ -292,6 +323,13 @@ def test_bytes_per_rank_equal_the_theory(memory):
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), name
     uneven = memory[0]["fp32"]["rows"]["model.embed_tokens.weight"], memory[TP]["fp32"]["rows"]["model.embed_tokens.weight"]
     assert uneven == ((0, 25), (25, 49)), "vocabulary 98 = 49 rows per TP rank, split 25 + 24 over dp"
+
+
+def test_a_meta_model_is_sharded_then_filled_rank_by_rank(memory):
+    for rank in memory:
+        meta = rank["meta"]
+        assert meta["same_shards"] and meta["compute_dtype"] == "torch.bfloat16"
+        assert meta["losses"][0] == meta["losses"][1]
 
 
 def test_frozen_parameters_hold_no_optimizer_state_and_do_not_move(memory):

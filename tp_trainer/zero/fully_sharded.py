@@ -121,14 +121,16 @@ def compute_dtype_of(model: nn.Module) -> torch.dtype:
 
 
 def _to_fp32_masters(module: nn.Module, device: torch.device) -> None:
-    """In place, parameters of ``module`` not yet sharded: on ``device``, floating ones in fp32 (the masters).
-    ``.data`` keeps each Parameter object, so its attributes and ties survive."""
+    """In place, parameters of ``module`` not yet sharded: on ``device``, floating ones in fp32 (the masters);
+    ``meta`` ones stay there (shard-only loading fills the shards later). ``.data`` keeps each Parameter
+    object, so its attributes and ties survive."""
     for p in module.parameters():
-        if isinstance(p, DTensor) or p.device.type == "meta":
+        if isinstance(p, DTensor):
             continue
         dtype = torch.float32 if p.is_floating_point() else p.dtype
-        if p.device != device or p.dtype != dtype:
-            p.data = p.data.to(device=device, dtype=dtype)
+        target = p.device if p.device.type == "meta" else device
+        if p.device != target or p.dtype != dtype:
+            p.data = p.data.to(device=target, dtype=dtype)
     for sub in module.modules():
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and buf.device != device and buf.device.type != "meta":

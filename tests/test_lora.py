@@ -36,8 +36,10 @@ CASES = {"llama": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"
          "gpt2": ("gpt2", ["c_attn", "c_proj", "c_fc"]),
          "phi3": ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
          "llama_embedding": ("llama", ["embed_tokens", "q_proj", "o_proj"]),
-         "llama_dropout": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+         "llama_dropout": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+         "gpt2_saved_head": ("gpt2", ["wte", "c_attn", "c_proj", "c_fc"])}
 DROPOUT = {"llama_dropout": 0.25}  # the adapters' dropout masks must be the unsharded model's (CPU dropout)
+SAVED = {"gpt2_saved_head": ["lm_head"]}  # modules_to_save: GPT-2's head, tied to wte, trained as its own copy
 RANK, ALPHA = 4, 8
 IDS = torch.tensor([[5, 17, 42, 8, 77, 3, 60, 21, 11, 30], [9, 9, 31, 64, 2, 90, 14, 50, 7, 88]])
 STEPS, SAVE_AT = 6, 3
@@ -53,7 +55,7 @@ def lora_model(case, *, random_b=False, modules_to_save=None, dtype=torch.float3
     torch.manual_seed(1)
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT.get(case, 0.0), target_modules=targets,
                         init_lora_weights=not random_b, fan_in_fan_out=family == "gpt2",
-                        modules_to_save=modules_to_save)
+                        modules_to_save=modules_to_save or SAVED.get(case))
     return get_peft_model(base, config)
 
 
@@ -65,8 +67,12 @@ def test_base_layers_are_planned_as_in_the_unwrapped_model():
     for case, (family, _) in CASES.items():
         plain = plan_tensor_parallel(tiny_model(family), 2)
         plan = plan_tensor_parallel(lora_model(case), 2)
-        wrapped = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): e for n, e in plan.entries.items()
-                   if "lora_" not in n}
+        wrapped = {n.removeprefix("base_model.model.").removesuffix(".base_layer").replace(".original_module", ""): e
+                   for n, e in plan.entries.items() if "lora_" not in n and ".modules_to_save." not in n}
+        for name, entry in plan.entries.items():  # a modules_to_save copy: planned as its original
+            if ".modules_to_save." in name:
+                original = plan.entries[name.split(".modules_to_save.")[0] + ".original_module"]
+                assert (entry.style, entry.blocks) == (original.style, original.blocks), name
         assert wrapped.keys() == plain.entries.keys(), case
         for name, entry in plain.entries.items():
             assert (wrapped[name].style, wrapped[name].blocks) == (entry.style, entry.blocks), (case, name)
@@ -83,7 +89,8 @@ def test_base_layers_are_planned_as_in_the_unwrapped_model():
         for name, entry in plan.entries.items():  # an embedding's adapters: whole on every rank
             if ".lora_embedding_" in name:
                 assert entry.style == Style.REPLICATED, name
-        assert plan.entries["base_model.model.lm_head"].style == Style.LM_HEAD  # the vocab-parallel loss is kept
+        head = "base_model.model.lm_head" + (".original_module" if case in SAVED else "")
+        assert plan.entries[head].style == Style.LM_HEAD  # the vocab-parallel loss is kept
         assert "adapter_colwise" in plan.table() and "lora" in plan.summary()
 
 
@@ -169,10 +176,10 @@ def step_world(out_dir):
                 frozen_with_grad.append(name)
         # the same model without adapters, trainable in the modules LoRA targets only (so that the same
         # activations require gradients): the LoRA step must issue exactly its collectives
-        plain = tiny_model(family)
+        plain = tiny_model(family).requires_grad_(False)
         for name, mod in plain.named_modules():
-            for p in mod.parameters(recurse=False):
-                p.requires_grad_(name.rsplit(".", 1)[-1] in targets)
+            if name.rsplit(".", 1)[-1] in targets + SAVED.get(case, []):  # a tied weight: trainable if one holder is
+                mod.requires_grad_(True)
         plain = _sharded(plain, ctx).train()
         counter["n"] = 0
         plain(input_ids=IDS, labels=IDS).loss.backward()

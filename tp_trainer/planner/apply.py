@@ -87,9 +87,10 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     group = context.tp_comm
     root = peft_base_model(model)[1]  # a PEFT model's inner HF model holds the embeddings and calls the loss
     emb_in = root.get_input_embeddings()
+    emb_in = getattr(emb_in, "base_layer", emb_in)  # LoRA on the embedding: its base is the one split
     emb_out = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
     new_embedding = None
-    lm_head = None
+    lm_head = head_module = None
     ties = TiedShards()  # tied parameters (embeddings, an MLM head's bias) keep one shard object
     for name, entry in plan.entries.items():
         mod = modules[name]
@@ -103,7 +104,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
             new = ParallelLMHead.from_module(mod, _spec_factory(entry, context, pad=True), group)
             if new_embedding is not None and mod.weight is new_embedding[0].weight:
                 new.weight = new_embedding[1].weight  # tied: one shard object serves both
-            lm_head = new
+            lm_head, head_module = new, mod
         elif style == Style.COLWISE_GATHER and mod is emb_out:  # vocabulary split, logits always gathered
             new = ParallelLMHead.from_module(mod, _spec_factory(entry, context, pad=True), group, gather_output=True)
         elif style in (Style.COLWISE, Style.COLWISE_GATHER):
@@ -138,7 +139,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     ties.repoint(model)
     adapt_lora_layers(model, plan, group)  # LoRA adapters: their f / g shared with the base layers
     # An LM head tied to an embedding the plan did not list (or listed after it) stays tied.
-    if lm_head is not None and new_embedding is not None and lm_head.weight is not new_embedding[1].weight:
+    # (not a PEFT modules_to_save copy of the head: that one is trained apart from the embedding)
+    if (lm_head is not None and new_embedding is not None and lm_head.weight is not new_embedding[1].weight
+            and head_module is emb_out):
         if getattr(root.config, "tie_word_embeddings", False):
             lm_head.weight = new_embedding[1].weight
     for name, patch in plan.patches.items():

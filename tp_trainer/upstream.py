@@ -268,6 +268,24 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.models.mixtral.modeling_mixtral:load_balancing_loss_func", "call",
              ("gate_logits", "num_experts", "top_k", "attention_mask"), TRL_HEAD,
              "the MoE load-balancing loss TRL's fused head adds, called as it calls it"),
+    # ---- PEFT LoRA (tp_trainer/parallel/lora.py, planner/lora.py, checkpoint/lora.py)
+    Internal("peft.tuners.lora.layer:Linear.forward", "attribute", None, "tp_trainer/parallel/lora.py",
+             "the adapters' TP placement relies on the LoRA forward adding B(A(drop(x))) * scaling to the base output, "
+             "the base and the adapters reading the layer's own input: a pre-hook on the layer gives both f(x), a "
+             "forward hook reduces a row-parallel base's partial sum once after the adapters",
+             ("result = self.base_layer(x, *args, **kwargs)",
+              "result = result + lora_B(lora_A(dropout(x))) * scaling")),
+    Internal("peft.tuners.lora.layer:Embedding._embed", "attribute", None, "tp_trainer/parallel/layers.py",
+             "an embedding adapter's lookup reads its base layer's nn.Embedding options: VocabParallelEmbedding has them",
+             ("padding_idx=base_layer.padding_idx", "max_norm=base_layer.max_norm", "norm_type=base_layer.norm_type",
+              "scale_grad_by_freq=base_layer.scale_grad_by_freq", "sparse=base_layer.sparse")),
+    Internal("peft.utils.save_and_load:has_valid_embedding_base_layer", "attribute", None, "tp_trainer/checkpoint/lora.py",
+             "PEFT saves a targeted embedding's base weight only for an nn.Embedding/nn.Linear base: a meta module of "
+             "that type stands in for the TP layer while PEFT selects",
+             ("isinstance(layer.base_layer, (torch.nn.Linear, torch.nn.Embedding))",)),
+    Internal("peft.peft_model:PeftModel.save_pretrained", "call", ("save_directory", "is_main_process"),
+             "tp_trainer/checkpoint/lora.py", "writes the adapter directory from the gathered tensors passed as "
+             "state_dict= (a keyword it forwards to get_peft_model_state_dict)", ('state_dict=kwargs.get("state_dict", None)',)),
     # ---- transformers' from_pretrained, mirrored by shard-only loading (tp_trainer/loading)
     Internal("transformers.modeling_utils:_get_dtype", "call",
              ("dtype", "checkpoint_files", "config", "sharded_metadata", "state_dict", "weights_only", "hf_quantizer"),

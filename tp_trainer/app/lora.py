@@ -34,7 +34,8 @@ class LoraSettings:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r (recipe: lora.r)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the adapter is scaled by alpha / r "
                                                               "(recipe: lora.alpha)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input (recipe: lora.dropout)."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the adapters' input (recipe: lora.dropout)."})
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "Comma-separated module names the adapters wrap, or 'all-linear' (every linear but the output "
                 "layer) (recipe: lora.target_modules, a list)."})

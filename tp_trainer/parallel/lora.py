@@ -81,7 +81,8 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def saved_module_wrappers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: wrapper}`` of PEFT's ``modules_to_save`` wrappers (``original_module`` + a trainable copy per adapter)."""
+    """``{name: wrapper}`` of PEFT's ``modules_to_save`` wrappers (``original_module``, a trainable copy per
+    adapter)."""
     classes = _peft_classes()
     if classes is None:
         return {}

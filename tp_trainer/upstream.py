@@ -332,8 +332,8 @@ INTERNALS: tuple[Internal, ...] = (
              "save_pretrained reverts model._weight_conversions, which from_pretrained sets and so do we",
              ('getattr(model, "_weight_conversions", None)',)),
     # ---- torch
-    Internal("torch:_foreach_mul_", "call", None, "tp_trainer/zero/optimizer.py; tp_trainer/zero/fully_sharded.py",
-             "multi-tensor gradient clipping"),
+    Internal("torch:_foreach_mul_", "call", None,
+             "tp_trainer/zero/optimizer.py; tp_trainer/zero/fully_sharded_optimizer.py", "multi-tensor gradient clipping"),
     Internal("torch.distributed.fsdp._fully_shard._fsdp_state:FSDPState.init", "attribute", None,
              "tp_trainer/zero/fully_sharded.py",
              "ZeRO-3 puts tp_spec/tp_grad_sum on the parameters FSDP2 gathers with a forward pre-hook that must run "

@@ -6,7 +6,8 @@ shards the parameters themselves over dp (stage 3) and its optimizer wrapper.
 """
 
 from .buckets import bucket_runs, bucket_shard_numel, zero_bucket_params, zero_buckets
-from .fully_sharded import FullyShardedOptimizer, is_dp_sharded, shard_parameters_over_dp
+from .fully_sharded import is_dp_sharded, shard_parameters_over_dp
+from .fully_sharded_optimizer import FullyShardedOptimizer
 from .optimizer import ELEMENTWISE_OPTIMIZERS, ShardedOptimizer
 
 ZERO_OPTIMIZERS = (ShardedOptimizer, FullyShardedOptimizer)  # what the checkpoint code reads and writes

@@ -26,6 +26,7 @@ import torch
 from transformers.utils import logging
 
 from ..parallel.gather import gather_full, persistent_buffers
+from ..zero.fully_sharded import tp_local_tensor
 from .layout import MANIFEST, unwrap_optimizer
 from .load import CheckpointReader
 from .lora import merged_model, save_adapter, writes_adapter_directory
@@ -48,6 +49,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def model_dtype(model) -> torch.dtype:
+    if getattr(model, "tp_compute_dtype", None) is not None:  # ZeRO-3: fp32 shards, 16-bit compute
+        return model.tp_compute_dtype
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -81,7 +84,7 @@ def gather_state_dict(model, context, *, dtype: torch.dtype, optimizer=None, kee
     if use_masters:  # fp32 from a 16-bit model: the fp32 master weights are the better source
         locals_ = optimizer.iter_local_masters([p for _, p in params])
     else:
-        locals_ = ((p, p.detach()) for _, p in params)
+        locals_ = ((p, tp_local_tensor(p)) for _, p in params)  # ZeRO-3: gathered over dp first
     out = {} if keep else None
     for (name, p), (_, local) in zip(params, locals_):
         full = gather_full(local, getattr(p, "tp_spec", None), tp_group)

@@ -19,7 +19,8 @@ from transformers.utils import logging
 from ..parallel.gather import persistent_buffers
 from ..parallel.lora import is_peft_model
 from ..parallel.sharding import ShardSpec
-from ..zero import ShardedOptimizer
+from ..zero import ZERO_OPTIMIZERS
+from .fully_sharded import copy_into_param_
 from .layout import (FORMAT, GROUPS, MANIFEST, SCHEDULER, VERSION, CheckpointError, _all_gather_object, _full_shape,
                      _set_rng_states, _sha256, _spec_from_record, _world, is_sharded_checkpoint, unwrap_optimizer)
 
@@ -184,7 +185,7 @@ def open_trainer_checkpoint(path: str, *, model, optimizer=None, ctx=None) -> HF
     """Validate a plain Trainer checkpoint against ``model`` (all ranks raise together) and return a reader."""
     names = {id(p): n for n, p in model.named_parameters()}
     opt = unwrap_optimizer(optimizer)
-    if isinstance(opt, ShardedOptimizer):
+    if isinstance(opt, ZERO_OPTIMIZERS):
         order = [names[id(p)] for p in opt.params]
     elif opt is not None:
         order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
@@ -288,7 +289,7 @@ def load_model_weights(reader: CheckpointReader, model) -> None:
             continue
         full = reader.full_tensor(name)
         spec = getattr(p, "tp_spec", None)
-        p.data.copy_(spec.shard(full) if spec is not None else full)
+        copy_into_param_(p, spec.shard(full) if spec is not None else full)  # ZeRO-3: this rank's dp rows
     for name, b in ([] if trainable_only else persistent_buffers(model)):
         b.copy_(reader.full_tensor(name))
 
@@ -296,7 +297,7 @@ def load_model_weights(reader: CheckpointReader, model) -> None:
 def refresh_master_weights(optimizer) -> None:
     """Copy the model weights into a ShardedOptimizer's fp32 masters; its moments are kept."""
     opt = unwrap_optimizer(optimizer)
-    if not isinstance(opt, ShardedOptimizer):
+    if not isinstance(opt, ZERO_OPTIMIZERS):
         return
     kept = {(id(p), lo): dict(state) for p, lo, hi, _, state in opt.export_state_pieces()}
     opt.import_state_pieces(lambda p, lo, hi: (None, kept[(id(p), lo)]))
@@ -331,7 +332,7 @@ def load_optimizer_state(reader: CheckpointReader, model, optimizer) -> None:
                 state["master"] = _local_flat(weight, spec)
         return state
 
-    if isinstance(optimizer, ShardedOptimizer):
+    if isinstance(optimizer, ZERO_OPTIMIZERS):
         def fetch(p, lo, hi):
             state = {k: (v[lo:hi] if v.dim() else v) for k, v in local_state(p).items()}
             master = state.pop("master", None)

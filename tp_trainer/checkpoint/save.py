@@ -22,6 +22,7 @@ from ..parallel.gather import persistent_buffers
 from ..parallel.lora import is_peft_model
 from .export import resolve_save_dtype
 from .lora import write_adapter_configs, writes_adapter_directory
+from .fully_sharded import is_dp_sharded, write_dp_sharded_model_file
 from .layout import (FORMAT, GROUPS, MANIFEST, SCALER, SCHEDULER, TMP_PREFIX, TRAINER_STATE, VERSION,
                      _all_gather_object, _barrier, _finish_file, _fsync, _full_shape, _rng_states, _spec_record,
                      _versions, is_complete, unwrap_optimizer)
@@ -174,7 +175,11 @@ def checkpoint_tensors(model):
 def _write_rank_files(tmp: str, model, optimizer, ctx) -> tuple[dict, dict]:
     files, pieces = {}, {}
     params, buffers = checkpoint_tensors(model)
-    if ctx.dp_rank == 0:
+    if is_dp_sharded(model):  # ZeRO-3: each local tensor gathered over dp, streamed by dp rank 0 (fully_sharded.py)
+        fname = f"model-tp{ctx.tp_rank:02d}-of-{ctx.tp_size:02d}.safetensors"
+        if write_dp_sharded_model_file(os.path.join(tmp, fname), params, buffers if ctx.tp_rank == 0 else [], ctx):
+            files[fname] = _finish_file(os.path.join(tmp, fname))
+    elif ctx.dp_rank == 0:
         tensors = {n: p.detach().contiguous() for n, p in params}
         if ctx.tp_rank == 0:
             tensors.update({n: b.detach().contiguous() for n, b in buffers})

@@ -87,3 +87,19 @@ def test_a_buffer_emptied_in_place_counts_at_its_new_size():
         x.add_(1)
         assert live.current == 0
     assert live.peak == 4000 and held[0].untyped_storage().nbytes() == 0
+
+
+def test_the_vocab_parallel_softmax_keeps_no_fp32_copy_of_its_input():
+    # off CUDA torch.softmax(bf16, dtype=float32) converts the whole input first: a transient as large as the
+    # result, which set the peak of long-sequence steps; softmax_fp32 converts 16 MiB of rows at a time
+    from tp_trainer.parallel.cross_entropy import SOFTMAX_CHUNK_BYTES, softmax_fp32
+
+    x = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 32 MiB in fp32
+    result_bytes = x.numel() * 4
+    with LiveTensorBytes() as whole:
+        expected = torch.softmax(x, dim=-1, dtype=torch.float32)
+    with LiveTensorBytes() as chunked:
+        got = softmax_fp32(x)
+    assert torch.equal(got, expected)  # the same kernel on the same rows
+    assert whole.peak == 2 * result_bytes
+    assert chunked.peak <= result_bytes + SOFTMAX_CHUNK_BYTES < whole.peak

@@ -13,6 +13,9 @@ Padding columns (vocabulary rounded up to a multiple of ``tp``) are excluded.
 Cost on the local ``[tokens, V/tp]`` block: torch's fused softmax kernel (one fresh buffer,
 kept for backward) plus two row maxima in forward, one in-place scale in backward. The fused
 softmax measured faster than the unfused max / subtract / exp / sum / divide chain (docs/benchmarks.md, "Kernel measurements").
+Off CUDA, a 16-bit block is converted to an fp32 copy before the kernel runs, as large as the
+result: the rows go through in chunks of at most 16 MiB of that copy (:func:`softmax_fp32`), so
+the loss's peak is its saved softmax rather than twice it (CUDA's kernel reads 16-bit directly).
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaske
 from .collectives import all_gather_rows
 
 
+SOFTMAX_CHUNK_BYTES = 2**24  # the fp32 copy of a 16-bit input the softmax makes off CUDA, per chunk of rows
+
+
+def softmax_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(x, -1, dtype=float32)``, bit for bit; a 16-bit ``x`` off CUDA in chunks of rows (module
+    docstring). Compiled graphs take the single call (the compiler plans its own buffers)."""
+    rows = max(1, SOFTMAX_CHUNK_BYTES // (4 * max(1, x.shape[-1])))
+    if x.dtype == torch.float32 or x.device.type == "cuda" or x.shape[0] <= rows or torch.compiler.is_compiling():
+        return torch.softmax(x, dim=-1, dtype=torch.float32)
+    out = x.new_empty(x.shape, dtype=torch.float32)
+    for start in range(0, x.shape[0], rows):
+        torch.softmax(x[start:start + rows], dim=-1, dtype=torch.float32, out=out[start:start + rows])
+    return out
+
+
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_valid, group):
@@ -32,7 +50,7 @@ class _VocabParallelCE(torch.autograd.Function):
         n = logits.shape[0]
         local = logits.narrow(-1, 0, vocab_valid)  # padded vocab columns have probability 0
         if vocab_valid > 0:
-            softmax = torch.softmax(local, dim=-1, dtype=torch.float32)  # exp(z - lse_r), fused
+            softmax = softmax_fp32(local)  # exp(z - lse_r), fused
             # lse_r = max z + log sum exp(z - max z) = max z - log max softmax (max softmax = 1 / sum)
             lse_local = local.amax(dim=-1).float() - softmax.amax(dim=-1).log()
         else:  # a rank whose slice is all padding holds no probability mass

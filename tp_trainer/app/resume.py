@@ -23,6 +23,10 @@ from the newest complete checkpoint of this run, which is what the restart is fo
 
 Every rank must resume from the same checkpoint: rank 0 decides (and deletes), then broadcasts
 the decision (one ``broadcast_object_list`` on the world group) when a process group exists.
+
+A checkpoint trained with another tokenizer would load without complaint when the vocabularies
+have the same size, and every token id would mean another token: :func:`check_same_tokenizer`
+compares the tokenizer saved in the checkpoint with the run's before anything is launched.
 """
 
 from __future__ import annotations
@@ -212,3 +216,39 @@ def resume_point(value, output_dir: str, *, overwrite: bool = False, restart_cou
             logger.warning(f"skipped an incomplete checkpoint: {problem}")
         logger.info(resume.message)
     return resume
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def resume_candidate(value, output_dir: str, *, overwrite: bool = False) -> str | None:
+    """The checkpoint a first attempt would resume from (:func:`decide` without deleting anything)."""
+    if is_none(value) or (overwrite and is_auto(value)):
+        return None
+    if is_auto(value):
+        return newest_complete_checkpoint(output_dir)[0]
+    return str(value)
+
+
+def check_same_tokenizer(checkpoint: str, tokenizer) -> None:
+    """A ValueError when ``checkpoint`` holds a tokenizer whose vocabulary or special tokens differ from
+    ``tokenizer``'s (a tokenizer or its directory); nothing to check when it saved none."""
+    if not any(os.path.isfile(os.path.join(checkpoint, f)) for f in _TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "the run's tokenizer")
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    saved = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    ours, theirs = tokenizer.get_vocab(), saved.get_vocab()
+    differ = sum(1 for token, i in theirs.items() if ours.get(token) != i) + sum(1 for t in ours if t not in theirs)
+    special = {k: (getattr(saved, k, None), getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "pad_token")}
+    special = {k: v for k, v in special.items() if v[0] != v[1] and v[0] is not None}
+    if differ or special:
+        what = (f"{differ} token ids differ (vocabularies of {len(theirs)} and {len(ours)})" if differ else
+                "special tokens differ: " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in special.items()))
+        raise ValueError(f"checkpoint {checkpoint} was trained with another tokenizer than {name!r}: {what}. Resume "
+                         f"with the tokenizer it was saved with (tokenizer_name_or_path: {checkpoint}), or start over "
+                         "(overwrite_output_dir, or resume_from_checkpoint: none)")

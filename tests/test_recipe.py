@@ -47,7 +47,7 @@ def test_flags_without_a_recipe_file_use_dataclass_defaults():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--zero_stage", "3"], "zero_stage must be 0, 1 or 2"),
+    (["--zero_stage", "4"], "zero_stage must be 0, 1, 2 or 3"),
     (["--dtype", "float8"], "dtype must be one of"),
     (["--generated_tasks", "add,divide"], "unknown task(s) ['divide']"),
     (["--max_length", "4"], "max_length must be >= 8"),
@@ -82,7 +82,7 @@ def test_train_command_rejects_a_bad_recipe_before_launching(capsys, tmp_path):
     from tp_trainer.commands.train import main
 
     assert main([DEFAULT, "--zero_stage", "5", "--output_dir", str(tmp_path)]) == 2
-    assert "zero_stage must be 0, 1 or 2, got 5" in capsys.readouterr().err
+    assert "zero_stage must be 0, 1, 2 or 3, got 5" in capsys.readouterr().err
     assert main([DEFAULT, "--train_file", str(tmp_path / "nope.json"), "--model_name_or_path", str(tmp_path),
                  "--output_dir", str(tmp_path)]) == 2
     assert "nope.json' does not exist" in capsys.readouterr().err

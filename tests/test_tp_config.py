@@ -121,8 +121,8 @@ def test_bad_files_and_values(tmp_path, write):
         args(tmp_path, tp_config=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="not valid JSON"):
         args(tmp_path, tp_config=write('{"ZeRO_optimization": {"stage": 1, ...}}'))
-    with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2, got 3"):
-        args(tmp_path, tp_config=write({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, got 4"):
+        args(tmp_path, tp_config=write({"zero_optimization": {"stage": 4}}))
     with pytest.raises(ValueError, match="not divisible by tp_size=3"):
         args(tmp_path, tp_config=write({"tensor_parallel": {"autotp_size": 3}}))  # this world has 1 process
 

@@ -22,7 +22,7 @@ def test_world_size_not_divisible_by_tp(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(zero_stage=3), "zero_stage must be 0, 1 or 2, got 3"),
+    (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3, got 4"),
     (dict(tp_size=0), "tp_size must be an integer >= 1, got 0"),
     (dict(tp_size=2, tp_plan="{not json"), "tp_plan must be 'auto' or a JSON object"),
     (dict(tp_size=2, tp_plan='["colwise"]'), "tp_plan must map module patterns"),

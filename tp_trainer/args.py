@@ -30,7 +30,8 @@ class TPArgumentsMixin:
                 "every split layer. The data-parallel degree is world_size / tp_size."})
     zero_stage: int = field(default=0, metadata={
         "help": "ZeRO stage over the data-parallel group: 0 = plain data parallel, 1 = optimizer states "
-                "sharded, 2 = optimizer states and gradients sharded."})
+                "sharded, 2 = optimizer states and gradients sharded, 3 = parameters too (FSDP2 over the dp group: "
+                "each block gathered for its forward and backward)."})
     tp_plan: str | None = field(default=None, metadata={
         "help": "'auto' (default) or a JSON mapping of module patterns to styles that overrides the automatic "
                 "plan, e.g. '{\"model.layers.*.mlp.down_proj\": \"rowwise\"}'. Styles: colwise, rowwise, "
@@ -78,9 +79,11 @@ class TPArgumentsMixin:
             raise ValueError(
                 f"WORLD_SIZE={world} is not divisible by tp_size={self.tp_size}: launch a multiple of "
                 f"{self.tp_size} processes or choose a tp_size that divides {world}.")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage!r} (ZeRO-3 is what TP replaces: "
-                             "use tp_size with zero_stage 1 or 2)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.zero_stage == 3 and getattr(self, "torch_compile", False):
+            raise ValueError("zero_stage=3 with --torch_compile is not supported yet (FSDP2's per-block gathers "
+                             "and the TP metadata hooks break the graph); compile with zero_stage 1 or 2")
         self.user_tp_plan()  # parse errors surface now
         if not isinstance(self.sequence_parallel, bool):
             raise ValueError(f"sequence_parallel must be true or false, got {self.sequence_parallel!r}")

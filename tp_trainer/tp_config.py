@@ -7,7 +7,7 @@ DeepSpeed key                                          TPTrainingArguments field
 =====================================================  =====================================
 ``tensor_parallel.autotp_size``                        ``tp_size``
 ``tensor_parallel.sequence_parallel`` (true/false)     ``sequence_parallel``
-``zero_optimization.stage`` (0, 1, 2)                  ``zero_stage``
+``zero_optimization.stage`` (0-3)                     ``zero_stage``
 ``zero_optimization.gather_16bit_weights_on_model_save``  ``gather_16bit_weights_on_model_save``
 ``train_micro_batch_size_per_gpu``                     ``per_device_train_batch_size``
 ``gradient_accumulation_steps``                        ``gradient_accumulation_steps``

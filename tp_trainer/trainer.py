@@ -39,10 +39,11 @@ from .args import TPArgumentsMixin, TPTrainingArguments
 from .checks import check_identical_across_tp
 from . import checkpoint as ckpt
 from .checkpoint import export
+from .loading import sharded_state
 from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
 from .planner import Plan, apply_tensor_parallel, plan_tensor_parallel
-from .zero import ShardedOptimizer
+from .zero import ZERO_OPTIMIZERS, FullyShardedOptimizer, ShardedOptimizer, shard_parameters_over_dp
 
 logger = logging.get_logger(__name__)
 
@@ -118,18 +119,28 @@ class TPTrainerMixin:
             raise ValueError(f"{type(self).__name__} with tp_size > 1 or zero_stage > 0 needs a model instance: "
                              "model_init would build an unsharded model after the plan is made")
         args = self.args
-        self.tp_context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu,
-                                                           cpu_kernels=args.cpu_kernels)
-        self._full_param_count = sum(p.numel() for p in self.model.parameters())
-        self._tp_structure = _structure(self.model)
-        self.tp_plan = self.tp_shard(self.model)
+        loaded = sharded_state(self.model, tp_size=args.tp_size, use_cpu=args.use_cpu, cpu_kernels=args.cpu_kernels,
+                               sequence_parallel=args.sequence_parallel)
+        if loaded is not None:  # built by tp_trainer.from_pretrained: planned and sharded while loading
+            self.tp_context, self.tp_plan = loaded.context, loaded.plan
+            self._full_param_count, self._tp_structure = loaded.full_parameters, loaded.structure
+            self.model.tp_trainer_plan = loaded.plan
+            self._cpu_attention = self.tp_context.kernels.cpu_attention and use_cpu_attention(self.model)
+        else:
+            self.tp_context = ParallelContext.from_environment(args.tp_size, use_cpu=args.use_cpu,
+                                                               cpu_kernels=args.cpu_kernels)
+            self._full_param_count = sum(p.numel() for p in self.model.parameters())
+            self._tp_structure = _structure(self.model)
+            self.tp_plan = self.tp_shard(self.model)
+        if args.zero_stage == 3:  # the trained model only: a reference model (TRL) stays whole over dp
+            shard_parameters_over_dp(self.model, self.tp_context)
 
     def tp_shard(self, model: nn.Module, plan: Plan | None = None) -> Plan:
         """Shard ``model`` in place with ``plan`` (default: planned for it); returns the plan applied."""
         ctx = self.tp_context
         if plan is None:
             plan = plan_tensor_parallel(model, ctx.tp_size, user_plan=self.args.user_tp_plan())
-        apply_tensor_parallel(model, plan, ctx)
+        apply_tensor_parallel(model, plan, ctx, sequence_parallel=self.args.sequence_parallel)
         model.tp_trainer_plan = plan  # what tp_is_sharded reads
         cpu_attention = ctx.kernels.cpu_attention and use_cpu_attention(model)
         if model is self.model:
@@ -169,7 +180,7 @@ class TPTrainerMixin:
 
     def startup_summary(self) -> str:
         ctx, args = self.tp_context, self.args
-        local = sum(p.numel() for p in self.model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
         gbs = args.per_device_train_batch_size * ctx.dp_size * args.gradient_accumulation_steps
         modules = list(self.model.modules())
         fused = sum(1 for m in modules if hasattr(m, "tp_rms_eps"))
@@ -179,7 +190,7 @@ class TPTrainerMixin:
             "; causal attention by CPU row blocks" if self._cpu_attention else "")
         # ZeRO shards over dp: at dp=1 it only adds its buckets (their cost: docs/benchmarks.md)
         idle_zero = " (dp=1: nothing to shard, zero_stage=0 is leaner)" if args.zero_stage and ctx.dp_size == 1 else ""
-        dtype = next(self.model.parameters()).dtype
+        dtype = export.model_dtype(self.model)
         return (f"{ctx.describe()}\n"
                 f"  {ctx.kernels.describe(dtype)}\n"
                 f"  plan: {self.tp_plan.summary()}{kernels}\n"
@@ -200,8 +211,11 @@ class TPTrainerMixin:
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.tp_active and not isinstance(optimizer, ShardedOptimizer):
-            self.optimizer = ShardedOptimizer(optimizer, self.tp_context, stage=self.args.zero_stage)
+        if self.tp_active and not isinstance(optimizer, ZERO_OPTIMIZERS):
+            if self.args.zero_stage == 3:
+                self.optimizer = FullyShardedOptimizer(optimizer, self.tp_context)
+            else:
+                self.optimizer = ShardedOptimizer(optimizer, self.tp_context, stage=self.args.zero_stage)
             self.accelerator.tp_optimizer = self.optimizer
         return self.optimizer
 

@@ -97,16 +97,25 @@ def lora_field_names() -> set[str]:
     return {f.name for f in fields(LoraSettings)}
 
 
-def wrap_with_lora(model, settings: LoraSettings):
-    """``get_peft_model(model, LoraConfig(...))`` for ``settings.use_lora``, else ``model`` unchanged."""
+def lora_config(settings: LoraSettings):
+    """PEFT's ``LoraConfig`` for ``settings`` (for TRL's ``peft_config=``), ``None`` without ``use_lora``."""
     if not settings.use_lora:
-        return model
+        return None
     from ..extras import require
 
     require("peft", feature="use_lora")
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    config = LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                        lora_dropout=settings.lora_dropout, target_modules=settings.target_modules(),
-                        modules_to_save=settings.modules_to_save())
+    return LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                      lora_dropout=settings.lora_dropout, target_modules=settings.target_modules(),
+                      modules_to_save=settings.modules_to_save())
+
+
+def wrap_with_lora(model, settings: LoraSettings):
+    """``get_peft_model(model, LoraConfig(...))`` for ``settings.use_lora``, else ``model`` unchanged."""
+    config = lora_config(settings)
+    if config is None:
+        return model
+    from peft import get_peft_model
+
     return get_peft_model(model, config)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import yaml
 
 from ..args import TPTrainingArguments
+from .lora import LoraSettings, flatten_lora_block
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -143,6 +144,7 @@ class Recipe(NamedTuple):
     data: DataArguments | PreferenceDataArguments
     job: JobArguments
     training: TPTrainingArguments  # or tp_trainer.trl.TPDPOConfig for trainer: dpo
+    lora: LoraSettings  # use_lora and the lora: block (app/lora.py)
 
     @property
     def max_length(self) -> int:
@@ -159,7 +161,7 @@ def check_trainer(name: str) -> None:
 
 
 def dataclasses_for(trainer: str = "sft") -> tuple[type, ...]:
-    """The four dataclasses a recipe of ``trainer`` is parsed into; ``dpo`` needs the ``trl`` extra."""
+    """The five dataclasses a recipe of ``trainer`` is parsed into; ``dpo`` needs the ``trl`` extra."""
     check_trainer(trainer)
     if trainer == "dpo":
         from ..extras import require
@@ -167,8 +169,8 @@ def dataclasses_for(trainer: str = "sft") -> tuple[type, ...]:
         require("trl", feature="trainer: dpo")
         from ..trl import TPDPOConfig
 
-        return ModelArguments, PreferenceDataArguments, JobArguments, TPDPOConfig
-    return ModelArguments, DataArguments, JobArguments, TPTrainingArguments
+        return ModelArguments, PreferenceDataArguments, JobArguments, TPDPOConfig, LoraSettings
+    return ModelArguments, DataArguments, JobArguments, TPTrainingArguments, LoraSettings
 
 
 DATACLASSES = dataclasses_for("sft")
@@ -210,7 +212,7 @@ def _other_trainer_with(key: str, trainer: str) -> str | None:
 
 def read_recipe_file(path: str, trainer: str | None = None) -> dict:
     """The YAML mapping at ``path``; unknown keys (for its ``trainer``) are an error naming the key and a close match."""
-    values = _load_yaml(path)
+    values = flatten_lora_block(_load_yaml(path))
     trainer = trainer or values.get("trainer", "sft")
     known = known_fields(trainer)
     for key in values:
@@ -222,7 +224,7 @@ def read_recipe_file(path: str, trainer: str | None = None) -> dict:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"recipe {path!r}: unknown field {key!r}{hint}. Fields are those of the training "
-                             "arguments, ModelArguments, the data arguments and JobArguments "
+                             "arguments, ModelArguments, the data arguments, JobArguments and LoraSettings "
                              "(tp_trainer/app/recipe.py).")
     return values
 
@@ -236,8 +238,8 @@ def parse_recipe(argv: list[str]) -> Recipe:
         values = read_recipe_file(argv.pop(0), trainer)
     parser = make_parser(trainer)
     parser.set_defaults(**values)
-    model, data, job, training = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return Recipe(model, data, job, training)
+    model, data, job, training, lora = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return Recipe(model, data, job, training, lora)
 
 
 def peek(argv: list[str], name: str, type_=int):

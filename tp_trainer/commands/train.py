@@ -66,16 +66,28 @@ def resolve_assets(recipe: Recipe) -> dict[str, str | None]:
 
 
 # ------------------------------------------------------------------------------------ training
-def load_model_and_tokenizer(paths: dict, dtype: str):
+def load_model_and_tokenizer(paths: dict, recipe: Recipe, *, wrap_lora: bool = True):
+    """The model (shard-only at tp > 1: each rank reads its own slices; PEFT-wrapped for ``use_lora`` unless
+    ``wrap_lora=False``) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..app.lora import wrap_with_lora
 
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], local_files_only=True)
     if tokenizer.pad_token is None:  # Llama tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    dtype, args = recipe.model.dtype, recipe.training
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch_dtype, local_files_only=True)
-    return model, tokenizer
+    # LoRA wraps the whole model first (PEFT picks its targets on the unsharded modules), then TPTrainer plans it
+    if args.tp_size > 1 and not recipe.lora.use_lora:
+        from ..loading import from_pretrained as load_sharded
+
+        model = load_sharded(paths["model"], tp_size=args.tp_size, use_cpu=args.use_cpu, cpu_kernels=args.cpu_kernels,
+                             user_plan=args.user_tp_plan(), sequence_parallel=args.sequence_parallel, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch_dtype, local_files_only=True)
+    return (wrap_with_lora(model, recipe.lora) if wrap_lora else model), tokenizer
 
 
 def load_datasets(paths: dict, tokenizer, recipe: Recipe):
@@ -101,11 +113,14 @@ def load_preference_datasets(paths: dict, recipe: Recipe):
 def build_dpo_trainer(recipe: Recipe, paths: dict):
     from ..trl import TPDPOTrainer
 
-    model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
+    from ..app.lora import lora_config
+
+    # LoRA through TRL's peft_config=: TRL then takes the adapter-disabled policy as the reference
+    model, tokenizer = load_model_and_tokenizer(paths, recipe, wrap_lora=False)
     train, evaluation = load_preference_datasets(paths, recipe)
     # ref_model=None: TRL loads the reference from the model's directory; TPDPOTrainer shards it like the policy
     return TPDPOTrainer(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
-                        processing_class=tokenizer)
+                        processing_class=tokenizer, peft_config=lora_config(recipe.lora))
 
 
 def build_trainer(recipe: Recipe, paths: dict):
@@ -115,7 +130,7 @@ def build_trainer(recipe: Recipe, paths: dict):
     from ..app.fsdp_baseline import FSDPBaselineTrainer, needs_fsdp_baseline
     from ..trainer import TPTrainer
 
-    model, tokenizer = load_model_and_tokenizer(paths, recipe.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(paths, recipe)
     train, evaluation = load_datasets(paths, tokenizer, recipe)
     trainer_cls = FSDPBaselineTrainer if needs_fsdp_baseline(recipe.training) else TPTrainer
     return trainer_cls(model=model, args=recipe.training, train_dataset=train, eval_dataset=evaluation,
@@ -156,7 +171,14 @@ def train(recipe: Recipe) -> int:
             from .eval import evaluate_and_report
 
             before = paths["model"] if os.path.abspath(paths["model"]) != os.path.abspath(out) else None
-            evaluate_and_report({f"before {job}": before, f"after {job}": out}, paths["eval"], recipe.max_length,
+            after = out
+            if recipe.lora.use_lora:  # `out` holds the adapters: evaluate them merged into the base
+                from ..checkpoint.export import export_merged_lora
+
+                after = out.rstrip(os.sep) + "-merged"
+                export_merged_lora(out, after, base_model=paths["model"])
+                print(f"tp_trainer: merged the adapters into {after} for the evaluation", flush=True)
+            evaluate_and_report({f"before {job}": before, f"after {job}": after}, paths["eval"], recipe.max_length,
                                 max_new_tokens=recipe.data.eval_max_new_tokens, limit=recipe.job.eval_limit,
                                 json_path=os.path.join(args.output_dir, "eval_results.json"))
     return 0

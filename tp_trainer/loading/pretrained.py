@@ -48,16 +48,18 @@ class ShardedState(NamedTuple):
     context: ParallelContext
     full_parameters: int  # parameters of the unsharded model (tied ones once)
     structure: list[tuple[str, tuple[int, ...]]]  # the unsharded model's (parameter name, shape), in order
+    sequence_parallel: bool = False
 
 
 def from_pretrained(name_or_path, tp_size: int | None = None, *, context: ParallelContext | None = None,
                     user_plan: dict[str, str] | None = None, model_class=None, key_mapping: dict | None = None,
-                    use_cpu: bool = False, cpu_kernels: str = "auto", **kwargs) -> nn.Module:
+                    use_cpu: bool = False, cpu_kernels: str = "auto", sequence_parallel: bool = False,
+                    **kwargs) -> nn.Module:
     """The model in directory ``name_or_path``, tensor-parallel over ``tp_size`` ranks, each rank reading its shards.
 
     ``context``: the :class:`ParallelContext` to shard on (default: ``ParallelContext.from_environment(tp_size,
     use_cpu=..., cpu_kernels=...)``, as ``TPTrainer`` builds it); ``user_plan``: overrides of the plan, as
-    ``--tp_plan``; ``model_class``: an auto class (default ``AutoModelForCausalLM``) or a model class;
+    ``--tp_plan``; ``sequence_parallel``: as ``--sequence_parallel`` (planned with the shards); ``model_class``: an auto class (default ``AutoModelForCausalLM``) or a model class;
     ``key_mapping`` and ``**kwargs``: as for transformers' ``from_pretrained`` (``dtype``, ``attn_implementation``,
     ``trust_remote_code``, config overrides; options that place or fetch weights otherwise are refused).
     """
@@ -81,7 +83,7 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
         structure = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
         plan = plan_tensor_parallel(model, context.tp_size, user_plan=user_plan)
         compute_buffers(model, keymap, device=context.device)  # before apply: TP layers copy some (embed_scale)
-        apply_tensor_parallel(model, plan, context)
+        apply_tensor_parallel(model, plan, context, sequence_parallel=sequence_parallel)
         held = materialize(model, keymap, files, device=context.device, dtypes=dtypes)
     finally:
         files.close()
@@ -95,7 +97,7 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
                                    proxies=None, local_files_only=True, token=None, revision=None, subfolder="",
                                    trust_remote_code=kwargs.get("trust_remote_code"))
     model.eval()  # as from_pretrained returns it
-    setattr(model, MARKER, ShardedState(plan, context, full_parameters, structure))
+    setattr(model, MARKER, ShardedState(plan, context, full_parameters, structure, sequence_parallel))
     logger.info(f"tp_trainer: {path} loaded shard-only on rank {context.rank} (tp_rank {context.tp_rank} of "
                 f"{context.tp_size}): {held / 2**20:.1f} MiB of weights in "
                 f"{time.perf_counter() - start:.1f} s")
@@ -103,7 +105,7 @@ def from_pretrained(name_or_path, tp_size: int | None = None, *, context: Parall
 
 
 def sharded_state(model: nn.Module, *, tp_size: int | None = None, use_cpu: bool | None = None,
-                  cpu_kernels: str | None = None) -> ShardedState | None:
+                  cpu_kernels: str | None = None, sequence_parallel: bool | None = None) -> ShardedState | None:
     """The :class:`ShardedState` of a model built by :func:`from_pretrained`; None for any other model.
 
     The keywords are what the caller (``TPTrainer``: its arguments) would have built the context with; a model
@@ -119,7 +121,9 @@ def sharded_state(model: nn.Module, *, tp_size: int | None = None, use_cpu: bool
         wrong.append(f"device {ctx.device} (asked: use_cpu=True)")
     if cpu_kernels is not None and ctx.kernels.cpu_kernels != cpu_kernels:
         wrong.append(f"cpu_kernels={ctx.kernels.cpu_kernels!r} (asked: cpu_kernels={cpu_kernels!r})")
+    if sequence_parallel is not None and state.sequence_parallel != sequence_parallel:
+        wrong.append(f"sequence_parallel={state.sequence_parallel} (asked: sequence_parallel={sequence_parallel})")
     if wrong:
         raise LoadError(f"the model was loaded by tp_trainer.from_pretrained with {', '.join(wrong)}: load it with "
-                        "the same tp_size, use_cpu and cpu_kernels as the training arguments")
+                        "the same tp_size, use_cpu, cpu_kernels and sequence_parallel as the training arguments")
     return state

@@ -5,9 +5,10 @@ One parametrized case per error. Each trigger goes through the entry point a use
 is replaced by a guard that fails the test if anything is launched), ``TPTrainingArguments`` (what a
 script builds from its flags), ``TPTrainer.train(resume_from_checkpoint=...)`` on a real sharded
 checkpoint, the resume decision of ``tp-trainer train``, and the data loader the command runs. Each
-case checks that the message names the offending value and the fix (the words listed with it), and
-that it comes before expensive work: no launch, no process group, no weight modified (checkpoints:
-the model's weights are compared before and after the refused resume).
+case checks that the message names the offending value and the fix (the words listed with it). How
+early each is refused is the "when" column of docs/errors.md; the triggers check what they can: the
+commands launch nothing (their launcher is a guard), ``TPTrainingArguments`` joins no process group,
+a refused resume leaves every weight as it was. The data checks run in the ranks today (see the doc).
 
 Every case's message is in docs/errors.md; ``test_the_catalog_lists_every_case`` keeps the two in step.
 """

@@ -213,7 +213,7 @@ def test_tp1_zero0_is_the_plain_trainer(two_ranks):
 
 
 # ---------------------------------------------------------------------------------------- 4 ranks
-FOUR_RANK_RUNS = {f"tp2xdp2_zero{z}": dict(tp=2, zero=z) for z in (0, 1, 2)}
+FOUR_RANK_RUNS = {f"tp2xdp2_zero{z}": dict(tp=2, zero=z) for z in (0, 1, 2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def four_ranks():
     return run_distributed(world_suite, 4, FOUR_RANK_RUNS)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_tp2_dp2_matches_dp_only_trainer(two_ranks, four_ranks, zero):
     # The reference is the plain Trainer's DDP over 2 ranks: same global batch, and the same
     # eval semantics (the last eval batch is padded per dp rank, its loss averaged with the pad).

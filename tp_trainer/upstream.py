@@ -128,6 +128,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(f"{T}.__init__", "call", ("model", "args", "optimizers", "optimizer_cls_and_kwargs"), TRAINER,
              "TPTrainer passes model and args positionally and refuses optimizers= (pass optimizer_cls_and_kwargs)"),
     Internal(f"{T}._get_output_dir", "call", ("trial",), SAVE, "the run directory of a checkpoint"),
+    Internal(f"{T}._maybe_log_save_evaluate", "attribute", None, "tp_trainer/preemption.py",
+             "a step whose control.should_save is set saves whatever save_strategy is, then calls on_save: the "
+             "preemption checkpoint", ("if self.control.should_save:", "self._save_checkpoint(model, trial)",
+                                      "on_save")),
     Internal(f"{T}.store_flos", "call", (), SAVE, "as Trainer._save_checkpoint does before saving"),
     Internal(f"{T}.hp_search_backend", "attribute", None, SAVE, "store_flos only outside hyper-parameter search"),
     Internal(f"{T}.callback_handler", "attribute", None, SAVE, "its callbacks' ExportableState go into the state"),
@@ -383,6 +387,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("torch.distributed:ProcessGroupGloo.Options._timeout", "attribute", None,
              "tp_trainer/parallel/collectives.py",
              "the group's timeout, which bounds the shared-memory transport's waits as it bounds gloo's"),
+    Internal("torch.distributed.elastic.rendezvous.dynamic_rendezvous:DynamicRendezvousHandler.next_rendezvous",
+             "attribute", None, "tp_trainer/app/launch.py",
+             "with a shared rendezvous store every restart gets the first attempt's (and its stale keys: restarted "
+             "gloo ranks connect to dead peers, pytorch#135712); launch.launcher_env opts out with this variable",
+             ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "self._bootstrap_store_info is None")),
     Internal("torch.utils._python_dispatch:TorchDispatchMode.__torch_dispatch__", "override",
              ("func", "types", "args", "kwargs"), f"{TRACE}; {BENCH}; {DATAFLOW}",
              "LiveTensorBytes follows every storage an op creates; the benchmark counts collective bytes; the "

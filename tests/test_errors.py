@@ -270,9 +270,7 @@ CASES = [
     Case("accelerate-single-process-cpu",
          arguments(env={"MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "False",
                         "ACCELERATE_MIXED_PRECISION": "no"}, tp_size=2),
-         ("WORLD_SIZE=1", "tp_size=2"), ("--multi_gpu",),
-         pending="name accelerate's single-process mode and its fix (`accelerate launch --multi_gpu --num_processes "
-                 "N`, or torchrun) when ACCELERATE_* is set without RANK: tp_trainer/args.py validate_layout"),
+         ("WORLD_SIZE=1", "tp_size=2"), ("--multi_gpu",)),
     # ---- head counts (tp-trainer plan on a config: a meta model)
     Case("heads-not-divisible", plan_cli(LLAMA, 4), ("tp_size=4", "num_attention_heads=6"),
          ("Use a tp_size that divides 6",)),
@@ -319,17 +317,13 @@ CASES = [
          ("zero_stage=1", "zero_stage=2"), ("remove one of them",)),
     # ---- checkpoints (TPTrainer.train(resume_from_checkpoint=...)); the resume decision of tp-trainer train
     Case("checkpoint-corrupted", damaged(_corrupt), ("model-tp00-of-01.safetensors", "sha256"),
-         ("resume from an earlier checkpoint",),
-         pending="say what to do (resume from an earlier checkpoint-N): tp_trainer/checkpoint/load.py _check_files"),
+         ("resume from an earlier checkpoint",)),
     Case("checkpoint-truncated", damaged(_truncate), ("optim-rank00000.safetensors", "bytes"),
-         ("resume from an earlier checkpoint",),
-         pending="say what to do (resume from an earlier checkpoint-N): tp_trainer/checkpoint/load.py _check_files"),
+         ("resume from an earlier checkpoint",)),
     Case("checkpoint-missing-rank-file", damaged(_drop_rank_file), ("optim-rank00000.safetensors", "is missing"),
          ("copy the whole checkpoint directory",)),
     Case("checkpoint-of-another-model", damaged(_other_model), ("different model", "model.embed_tokens.weight"),
-         ("resume from a checkpoint of this model",),
-         pending="say what to do (resume from a checkpoint of this model, or start over): tp_trainer/checkpoint/"
-                 "load.py _check_model"),
+         ("resume from a checkpoint of this model",)),
     Case("checkpoint-of-another-tokenizer", other_tokenizer, ("another tokenizer", "token ids differ"),
          ("tokenizer_name_or_path", "resume_from_checkpoint: none")),
     Case("checkpoint-incomplete", resume_value("{tmp}/out/checkpoint-8", setup=_partial_checkpoint),

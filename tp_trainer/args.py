@@ -76,9 +76,15 @@ class TPArgumentsMixin:
             raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % self.tp_size:
+            single = ""
+            if world == 1 and "RANK" not in os.environ and any(k.startswith("ACCELERATE_") for k in os.environ):
+                single = (" accelerate launched a single process: on a machine without GPUs `accelerate launch "
+                          "--num_processes N` starts one process unless given --multi_gpu; use `accelerate launch "
+                          f"--multi_gpu --num_processes {self.tp_size}` (with --cpu on CPUs) or torchrun "
+                          f"--nproc-per-node {self.tp_size}.")
             raise ValueError(
                 f"WORLD_SIZE={world} is not divisible by tp_size={self.tp_size}: launch a multiple of "
-                f"{self.tp_size} processes or choose a tp_size that divides {world}.")
+                f"{self.tp_size} processes or choose a tp_size that divides {world}.{single}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.zero_stage == 3 and getattr(self, "torch_compile", False):

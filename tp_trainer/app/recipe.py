@@ -130,9 +130,22 @@ class JobArguments:
                 "process: exact-match accuracy per task and eval loss."})
     eval_limit: int | None = field(default=None, metadata={
         "help": "Evaluate at most this many eval records after training (default: all)."})
+    max_restarts: int = field(default=3, metadata={
+        "help": "How many times torch's elastic agent restarts the workers after a rank fails (a crash, a kill, "
+                "a peer that timed out); each restart resumes from the newest complete checkpoint. 0: a failed "
+                "rank ends the job."})
+    shutdown_timeout: int = field(default=120, metadata={
+        "help": "Seconds the workers have after SIGTERM/SIGUSR1 to finish the optimizer step, save a checkpoint "
+                "and exit 0, before the agent kills them."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over: remove the checkpoints in output_dir instead of resuming from the newest complete one "
+                "(resume_from_checkpoint: auto, the default)."})
 
     def __post_init__(self):
+        from .launch import check_restarts
+
         check_trainer(self.trainer)
+        check_restarts(self.max_restarts, self.shutdown_timeout)
         if self.nproc_per_node is not None and self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -237,7 +250,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
     if argv and not argv[0].startswith("-"):
         values = read_recipe_file(argv.pop(0), trainer)
     parser = make_parser(trainer)
-    parser.set_defaults(**values)
+    parser.set_defaults(resume_from_checkpoint="auto", **values)  # app/resume.py: the newest complete checkpoint
     model, data, job, training, lora = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return Recipe(model, data, job, training, lora)
 

@@ -246,9 +246,10 @@ def _check_files(path: str, manifest: dict, ctx) -> list[str]:
             errors.append(f"{fpath} is missing (written by another rank? copy the whole checkpoint directory)")
         elif os.path.getsize(fpath) != rec["bytes"]:
             errors.append(f"{fpath} is truncated or altered: {os.path.getsize(fpath)} bytes, the manifest says "
-                          f"{rec['bytes']}")
+                          f"{rec['bytes']}; resume from an earlier checkpoint-N (or copy this one again)")
         elif i % world == rank and _sha256(fpath) != rec["sha256"]:
-            errors.append(f"{fpath} is corrupted: its sha256 differs from the one in {MANIFEST}")
+            errors.append(f"{fpath} is corrupted: its sha256 differs from the one in {MANIFEST}; resume from an "
+                          "earlier checkpoint-N (or copy this one again)")
     return errors
 
 
@@ -272,11 +273,13 @@ def _check_model(path: str, manifest: dict, model) -> list[str]:
     unexpected = [n for n in saved if n not in current]
     if missing or unexpected:
         errors.append(f"{where} describes a different model ({manifest['model'].get('class')}): "
-                      f"tensors missing from the checkpoint {missing[:4]}, unknown to this model {unexpected[:4]}")
+                      f"tensors missing from the checkpoint {missing[:4]}, unknown to this model {unexpected[:4]}; "
+                      "resume from a checkpoint of this model, or start over (resume_from_checkpoint: none)")
     for n, (kind, shape) in current.items():
         if n in saved and list(saved[n]["full_shape"]) != shape:
             errors.append(f"{where} describes a different model: {n} has shape {saved[n]['full_shape']} in the "
-                          f"checkpoint but {shape} in this model")
+                          f"checkpoint but {shape} in this model; resume from a checkpoint of this model, or start "
+                          "over (resume_from_checkpoint: none)")
     return errors
 
 

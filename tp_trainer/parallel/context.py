@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .collectives import TPComm
+from .collectives import TPComm, bound_waits
 from .host import keep_freed_memory_in_heap
 from .kernels import Kernels, choose_kernels
 from .shm import maybe_shared_memory_all_reduce
@@ -158,6 +158,8 @@ class ParallelContext:
         mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
         rank = dist.get_rank()
         tp_group = mesh.get_group("tp") if tp_size > 1 else None
+        if timeout is not None:  # torch gives subgroups (and gloo's world) its 30-minute default otherwise
+            bound_waits(timeout, dist.group.WORLD, tp_group, mesh.get_group("dp") if dp_size > 1 else None)
         # gloo on one host: the TP activation all-reduces go through shared memory (shm.py). Every TP
         # rank takes part in the vote, also one that does not want it: the group agrees or stays on gloo.
         transport = (maybe_shared_memory_all_reduce(tp_group, dist.get_backend(), wanted=kernels.shm_all_reduce)

@@ -120,7 +120,7 @@ class TPTrainerMixin:
                              "model_init would build an unsharded model after the plan is made")
         args = self.args
         loaded = sharded_state(self.model, tp_size=args.tp_size, use_cpu=args.use_cpu, cpu_kernels=args.cpu_kernels,
-                               sequence_parallel=args.sequence_parallel)
+                               sequence_parallel=args.sequence_parallel, zero_stage=args.zero_stage)
         if loaded is not None:  # built by tp_trainer.from_pretrained: planned and sharded while loading
             self.tp_context, self.tp_plan = loaded.context, loaded.plan
             self._full_param_count, self._tp_structure = loaded.full_parameters, loaded.structure
@@ -132,8 +132,8 @@ class TPTrainerMixin:
             self._full_param_count = sum(p.numel() for p in self.model.parameters())
             self._tp_structure = _structure(self.model)
             self.tp_plan = self.tp_shard(self.model)
-        if args.zero_stage == 3:  # the trained model only: a reference model (TRL) stays whole over dp
-            shard_parameters_over_dp(self.model, self.tp_context)
+        if args.zero_stage == 3 and not (loaded is not None and loaded.zero_stage == 3):  # loaded: sharded already
+            shard_parameters_over_dp(self.model, self.tp_context)  # the trained model only: a TRL reference stays whole
 
     def tp_shard(self, model: nn.Module, plan: Plan | None = None) -> Plan:
         """Shard ``model`` in place with ``plan`` (default: planned for it); returns the plan applied."""

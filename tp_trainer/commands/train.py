@@ -84,7 +84,8 @@ def load_model_and_tokenizer(paths: dict, recipe: Recipe, *, wrap_lora: bool = T
         from ..loading import from_pretrained as load_sharded
 
         model = load_sharded(paths["model"], tp_size=args.tp_size, use_cpu=args.use_cpu, cpu_kernels=args.cpu_kernels,
-                             user_plan=args.user_tp_plan(), sequence_parallel=args.sequence_parallel, dtype=torch_dtype)
+                             user_plan=args.user_tp_plan(), sequence_parallel=args.sequence_parallel,
+                             zero_stage=args.zero_stage, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch_dtype, local_files_only=True)
     return (wrap_with_lora(model, recipe.lora) if wrap_lora else model), tokenizer

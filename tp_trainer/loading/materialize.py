@@ -199,3 +199,88 @@ def materialize(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, devi
         held += value.numel() * value.element_size()
         _swap_in(t, value)
     return held
+
+
+def read_local_rows(files: SafetensorsDir, src: Source, spec, full_shape: tuple[int, ...], dtype: torch.dtype,
+                    lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` (dim 0) of ``spec.shard(full)`` (of ``full`` when ``spec`` is None), cast to ``dtype``, on
+    the host: one box per TP segment that meets those rows, each box only the rows needed (along dim 0 when the
+    TP split is along dim 0; the rows ``[lo, hi)`` of the segment's columns otherwise). Vocabulary padding rows or
+    columns are zero, as ``ShardSpec.shard`` pads. A :class:`~.sources.Converted` source reads its full sources
+    once (as :func:`read_local` does), the box is cut from them."""
+    whole = tuple((0, n) for n in full_shape)
+    rows = ((lo, hi),)
+    if spec is None:
+        return read_box(files, src, rows + whole[1:]).to(dtype=dtype)
+    local = list(spec.local_shape)
+    out = torch.empty([hi - lo] + local[1:], dtype=dtype)
+    offset = 0
+    for start, length in spec.local_segments:
+        if spec.dim == 0:  # local rows [offset, offset + length) are full rows [start, start + length)
+            a, b = max(lo, offset), min(hi, offset + length)
+            if a < b:
+                box = ((start + a - offset, start + b - offset),) + whole[1:]
+                out.narrow(0, a - lo, b - a).copy_(read_box(files, src, box))
+        elif hi > lo:
+            box = rows + whole[1:spec.dim] + ((start, start + length),) + whole[spec.dim + 1:]
+            out.narrow(spec.dim, offset, length).copy_(read_box(files, src, box))
+        offset += length
+    if offset < spec.local_size:  # vocabulary padding
+        if spec.dim == 0:
+            a = max(lo, offset)
+            if a < hi:
+                out.narrow(0, a - lo, hi - a).zero_()
+        else:
+            out.narrow(spec.dim, offset, spec.local_size - offset).zero_()
+    return out
+
+
+@torch.no_grad()
+def materialize_dp_sharded(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, context,
+                           dtypes: dict[str, torch.dtype]) -> int:
+    """ZeRO-3 while loading: shard the TP-sharded ``meta`` model over dp (:func:`~tp_trainer.zero.
+    shard_parameters_over_dp`: fp32 master shards), allocate the shards on the rank's device (``to_empty``), and
+    write into each parameter only this dp rank's rows of its TP-local tensor (:func:`read_local_rows`), cast to
+    the tensor's load dtype then to the fp32 master: the values ``from_pretrained`` + ``apply_tensor_parallel`` +
+    ``shard_parameters_over_dp`` give, bit for bit. The buffers :func:`compute_buffers` computed are kept (put
+    back after ``to_empty``, which would leave them uninitialised); persistent buffers with a source are read
+    whole. Per rank: the dp shards plus one box in flight. Returns the bytes this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    from ..zero.fully_sharded import dp_rows, shard_parameters_over_dp
+
+    computed = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+                if buf is not None and not buf.is_meta]
+    aliases = tensor_aliases(model)  # before sharding: the names of each parameter and buffer, ties included
+    names_of = {id(t): names for names, t, _ in aliases}
+    owners = [(mod, attr, names_of[id(t)]) for mod in model.modules()
+              for table in (mod._parameters, mod._buffers) for attr, t in table.items()
+              if t is not None and t.is_meta]
+    shard_parameters_over_dp(model, context)
+    model.to_empty(device=context.device)
+    for mod, name, buf in computed:
+        mod._buffers[name] = buf  # the computed value itself (to_empty left an uninitialised tensor)
+    held, done = 0, set()
+    for mod, attr, names in owners:
+        t = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+        if id(t) in done:  # tied: one tensor under several names
+            continue
+        done.add(id(t))
+        found = _source_of(names, keymap)
+        if found is None:
+            raise LoadError(f"{' = '.join(names)} has no source in {files.path} and no value (an internal error: "
+                            "check_sources and compute_buffers run first)")
+        name, src = found
+        spec = getattr(t, "tp_spec", None)
+        full_shape = tuple(spec.full_shape) if spec is not None else tuple(src.shape)
+        dtype = dtypes.get(name, t.dtype)
+        if isinstance(t, DTensor) and t.dim() > 0:
+            lo, hi = dp_rows(t)
+            shard = t.to_local()
+            shard.copy_(read_local_rows(files, src, spec, full_shape, dtype, lo, hi))
+            held += shard.untyped_storage().nbytes()
+        else:  # a buffer (or a scalar): whole
+            t.copy_(read_local(files, src, spec, full_shape, dtype, t.device))
+            held += t.numel() * t.element_size()
+        t._is_hf_initialized = True
+    return held

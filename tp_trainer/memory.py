@@ -35,6 +35,10 @@ buckets after it, the dp all-gather of the write-back) are allocated at the poin
 where TPTrainer would use it (``parallel/attention.py``, it keeps the probabilities); otherwise
 what flash / memory-efficient SDPA keeps (``q, k, v``, the output and an fp32 log-sum-exp per
 row), which torch's fused CPU kernel keeps too.
+With ``sequence_parallel`` the meta model runs with sequence parallelism (``parallel/sequence.py``)
+as a real rank does; the per-layer closed forms (Korthikanti et al. 2022) are in
+:mod:`tp_trainer.memory_theory`. :func:`fit_memory` turns the question around: the longest sequence
+and the largest micro-batch whose simulated peak fits a per-GPU budget.
 The optimizer step is the fused AdamW a default ``Trainer`` builds (``adamw_torch_fused``),
 which updates in place; the ``foreach`` implementation (``adamw_torch``) allocates temporaries
 the size of every state it updates (``4 P`` or ``4 S`` bytes more), the for-loop one about two

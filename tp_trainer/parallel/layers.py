@@ -13,6 +13,10 @@ Shapes, with ``tp`` ranks, input ``x: [..., d_in]``:
   with its own partial (a LoRA adapter, ``parallel/lora.py``).
 * :class:`VocabParallelEmbedding`: rows ``[r V/tp, (r+1) V/tp)``; ids outside the range look
   up zeros and ``g`` sums the ranks' partial embeddings.
+* Under sequence parallelism (``sequence.py``) a column-parallel layer reading an all-gathered input
+  keeps only this rank's chunk of it for backward (the gather's reduce-scatter replaces ``f``), and a
+  row-parallel layer's ``g`` becomes a reduce-scatter along the sequence
+  (``RowParallelLinear.sequence_parallel``).
 * :class:`ParallelLMHead`: a column-parallel linear over the vocabulary. In training mode it
   returns the local logits ``[..., V/tp]`` for :func:`vocab_parallel_cross_entropy`, so full
   logits are never materialised; in eval mode (``evaluate``/``predict``/``generate``) it

@@ -183,6 +183,8 @@ def copy_to_tp_region_once(x: torch.Tensor, group) -> torch.Tensor:
 
     The sibling column-parallel layers reading one activation (q/k/v) call this: their partial
     input gradients meet at the one ``f`` node, which autograd sums before its single all-reduce.
+    An input all-gathered along the sequence by a reducing region entry (``sequence.py``) gets no
+    ``f``: that gather's backward reduce-scatters the partial gradients instead.
     The memo lives on ``x`` (``x._tp_copy``) and dies with it; Dynamo traces it like any attribute
     of an intermediate tensor, so compiled graphs get the same single node. A tensor that refuses
     attributes (some subclasses) gets one ``f`` per caller: the same gradient, one all-reduce each.

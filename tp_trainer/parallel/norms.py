@@ -23,6 +23,10 @@ Megatron-style sequence parallelism would be the way.
 The norm modules are not replaced, only hooked: parameter names, ``state_dict`` and saved
 checkpoints are unchanged. A token count that ``tp`` does not divide (a single token in
 ``generate``, an odd batch x seq) is padded with zero rows.
+
+Sequence parallelism (``sequence.py``) does this job and more: there the norms already see ``1/tp``
+of the tokens (and so do dropout and the residual adds, with no all-gather after each norm), so
+``apply_tensor_parallel(..., sequence_parallel=True)`` splits no norm here.
 """
 
 from __future__ import annotations

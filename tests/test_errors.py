@@ -262,9 +262,7 @@ CASES = [
     Case("sequence-parallel-at-tp-1", arguments(sequence_parallel=True), ("sequence_parallel=True", "tp_size=1"),
          ("set tp_size > 1",)),
     Case("nproc-not-a-multiple-of-tp", train_cli(RECIPE, "--nproc_per_node", "3"), ("3", "tp_size=2"),
-         ("nproc_per_node",),
-         pending="name the field the user set (nproc_per_node=3, 'launch 2, 4, ...'), not WORLD_SIZE=3: in "
-                 "tp_trainer/commands/train.py main(), check_nproc before parsing the recipe with world_size_env"),
+         ("nproc_per_node",)),
     Case("nproc-below-1", train_cli(RECIPE, "--nproc_per_node", "0"), ("nproc_per_node", "0"), (">= 1",)),
     # `accelerate launch --num_processes 2 script.py` on a machine without GPUs runs ONE process (no --multi_gpu)
     Case("accelerate-single-process-cpu",

@@ -40,6 +40,8 @@ from .checks import check_identical_across_tp
 from . import checkpoint as ckpt
 from .checkpoint import export
 from .loading import sharded_state
+from .parallel.collectives import bound_waits
+from .resilience import resilience_callbacks
 from .parallel.attention import use_cpu_attention
 from .parallel.context import ParallelContext
 from .planner import Plan, apply_tensor_parallel, plan_tensor_parallel
@@ -67,6 +69,8 @@ class TPTrainerMixin:
         self._tp_check_init_arguments(args, kwargs)
         super().__init__(*args, **kwargs)
         if self.tp_active:
+            for callback in resilience_callbacks():  # preemption checkpoint; a lost peer named
+                self.add_callback(callback)
             pylogging.getLogger("tp_trainer").setLevel(logging.get_verbosity())
             if self.args.should_log:
                 if logger.isEnabledFor(pylogging.INFO):
@@ -132,6 +136,8 @@ class TPTrainerMixin:
             self._full_param_count = sum(p.numel() for p in self.model.parameters())
             self._tp_structure = _structure(self.model)
             self.tp_plan = self.tp_shard(self.model)
+        ctx = self.tp_context  # a dead or stopped peer fails every collective (and shm wait) within --ddp_timeout
+        bound_waits(args.ddp_timeout_delta, ctx.world_group, ctx.tp_group, ctx.dp_group)
         if args.zero_stage == 3 and not (loaded is not None and loaded.zero_stage == 3):  # loaded: sharded already
             shard_parameters_over_dp(self.model, self.tp_context)  # the trained model only: a TRL reference stays whole
 

@@ -5,11 +5,13 @@ The flow on every rank (identical inputs, so every rank of a TP group builds ide
 1. parse the recipe (:mod:`tp_trainer.app.recipe`), all validation before any work;
 2. outside a launcher, re-run through ``torch.distributed.run`` with ``nproc_per_node`` ranks
    (:mod:`tp_trainer.app.launch`), after preparing the built-in assets once in the parent;
-3. load the tokenizer and the model (a directory, or the generated initial built-in model);
+3. load the tokenizer and the model (a directory, or the generated initial built-in model; at tp > 1
+   shard-only: each rank reads its own slices, :mod:`tp_trainer.loading`; ``use_lora``: wrapped by PEFT);
    ``trainer: sft``: load + validate + tokenize the Alpaca data (:mod:`tp_trainer.app.data.sft`);
    ``trainer: dpo``: preference pairs, read or built from Alpaca records with a corrupted answer
    (:mod:`tp_trainer.app.data.preference`);
-4. ``TPTrainer(...).train()`` (sft) or ``tp_trainer.trl.TPDPOTrainer(...).train()`` (dpo: its
+4. find where to start (``resume_from_checkpoint: auto``: the newest complete checkpoint in
+   ``output_dir``, :mod:`tp_trainer.app.resume`), then ``TPTrainer(...).train()`` (sft) or ``tp_trainer.trl.TPDPOTrainer(...).train()`` (dpo: its
    reference model is loaded from the same directory and sharded alike) with the Trainer's progress
    bar; ``save_model(final_model_dir)``;
 5. on the main process: ``log_history.json`` (the loss curve; for DPO also how ``rewards/accuracies``
@@ -24,6 +26,7 @@ import os
 import sys
 
 from ..app.recipe import Recipe, make_parser, parse_recipe, peek, world_size_env
+from ..app.resume import check_resume_value, check_same_tokenizer, resume_candidate, resume_point
 
 HELP = "fine-tuning from a recipe YAML, SFT or DPO (self-launches its torch.distributed world)"
 
@@ -156,9 +159,16 @@ def train(recipe: Recipe) -> int:
     with args.main_process_first(local=True, desc="preparing the built-in assets"):
         paths = resolve_assets(recipe)
     trainer = build_trainer(recipe, paths)
+    if not getattr(trainer, "tp_active", False):  # TPTrainer adds them itself
+        from ..resilience import resilience_callbacks
+
+        for callback in resilience_callbacks():
+            trainer.add_callback(callback)
+    start = resume_point(args.resume_from_checkpoint, args.output_dir, overwrite=recipe.job.overwrite_output_dir)
     if args.should_log:
         print(summary(trainer), flush=True)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        print(f"tp_trainer: {start.message}", flush=True)
+    trainer.train(resume_from_checkpoint=start.path)
     out = final_model_dir(recipe)
     trainer.save_model(out)
     if args.should_save:
@@ -218,13 +228,20 @@ def main(argv: list[str]) -> int:
             use_cpu_world_if_no_gpu()
             return train(parse_recipe(argv))
         nproc = peek(argv, "nproc_per_node") or default_nproc(peek(argv, "tp_size") or 1)
+        check_nproc(nproc, peek(argv, "tp_size") or 1)  # names nproc_per_node, before the recipe's WORLD_SIZE check
         with world_size_env(nproc):  # validate the recipe as the ranks will see it, before launching them
             recipe = parse_recipe(argv)
-        check_nproc(nproc, recipe.training.tp_size)
-        resolve_assets(recipe)  # generate the built-in assets once here rather than racing in every rank
+        job, training = recipe.job, recipe.training
+        check_resume_value(training.resume_from_checkpoint, training.output_dir, overwrite=job.overwrite_output_dir)
+        paths = resolve_assets(recipe)  # generate the built-in assets once here rather than racing in every rank
+        candidate = resume_candidate(training.resume_from_checkpoint, training.output_dir,
+                                     overwrite=job.overwrite_output_dir)
+        if candidate is not None:
+            check_same_tokenizer(candidate, paths["tokenizer"])
     except (ValueError, ImportError) as err:  # ImportError: a trainer whose extra is not installed
         print(f"tp-trainer train: {err}", file=sys.stderr)
         return 2
     if nproc > 1:
-        return relaunch(["train", *argv], nproc)
+        return relaunch(["train", *argv], nproc, max_restarts=job.max_restarts, shutdown_timeout=job.shutdown_timeout,
+                        output_dir=training.output_dir)
     return train(recipe)

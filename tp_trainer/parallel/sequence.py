@@ -213,6 +213,10 @@ class _GatheredInputLinear(torch.autograd.Function):
         return dx, None, dw, db, None, None
 
 
+# the autograd node of a column-parallel layer on a gathered input (torch names a Function's node "<name>Backward")
+GATHERED_INPUT_NODE = _GatheredInputLinear.__name__ + "Backward"
+
+
 # ---------------------------------------------------------------------- hooks
 def _hidden(args, kwargs):
     """``(where, tensor)``: the hidden states a block or region is called with (first positional argument,

@@ -43,8 +43,8 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from ..parallel.norms import is_per_token_norm
-from ..parallel.sequence import (SequenceParallel, gather_input_of, gather_output_of, scatter_output_of,
-                                 split_input_of)
+from ..parallel.sequence import (GATHERED_INPUT_NODE, SequenceParallel, gather_input_of, gather_output_of,
+                                 scatter_output_of, split_input_of)
 from .model_info import call_order, is_linear, layer_lists, meta_inputs
 from .plan import Plan, Style
 from .validate import PlanError
@@ -55,7 +55,7 @@ READERS = (Style.COLWISE, Style.COLWISE_GATHER)
 WRITERS = (Style.ROWWISE, Style.ROWWISE_SPLIT)
 REPLICATED = (Style.REPLICATED, Style.REPLICATED_GRAD_SUM)
 # the only node allowed to read a reduce-mode region's gathered input (parallel/sequence.py)
-COLUMN_NODE = "_GatheredInputLinearBackward"
+COLUMN_NODE = GATHERED_INPUT_NODE
 
 
 class SequenceParallelError(PlanError):

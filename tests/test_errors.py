@@ -16,6 +16,7 @@ Every case's message is in docs/errors.md; ``test_the_catalog_lists_every_case``
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -227,6 +228,49 @@ def other_tokenizer(tmp, monkeypatch):
     return str(err.value)
 
 
+def save_fault(kind: str):
+    """A checkpoint save (``write_checkpoint``, one process) after a good checkpoint-1, the disk failing as
+    ``kind`` says (injected at the safetensors write: the tests run as root, chmod stops nothing); the error
+    must leave checkpoint-1 alone and no partial directory."""
+    def trigger(tmp, monkeypatch):
+        from tp_trainer.checkpoint import CheckpointSaveError, save, write_checkpoint
+        from tp_trainer.parallel.context import ParallelContext
+
+        model, ctx, out = tiny_model("llama"), ParallelContext.single(), tmp / "out"
+        write_checkpoint(str(out / "checkpoint-1"), model=model, optimizer=None, ctx=ctx, zero_stage=0)
+        real = save.save_file
+
+        def faulty(tensors, path, **kwargs):
+            if kind == "removed":  # another job deletes the directory being written (a real ENOENT follows)
+                shutil.rmtree(os.path.dirname(path))
+                return real(tensors, path, **kwargs)
+            code = {"full": errno.ENOSPC, "read-only": errno.EROFS}[kind]
+            raise OSError(code, os.strerror(code), path)
+
+        monkeypatch.setattr(save, "save_file", faulty)
+        with pytest.raises(CheckpointSaveError) as err:
+            write_checkpoint(str(out / "checkpoint-2"), model=model, optimizer=None, ctx=ctx, zero_stage=0)
+        assert sorted(os.listdir(out)) == ["checkpoint-1"], "a partial save was left, or checkpoint-1 lost"
+        return str(err.value)
+    return trigger
+
+
+def read_only_output_dir(tmp, monkeypatch):
+    """``tp-trainer train --output_dir RO`` where RO cannot be written (its probe file fails as on a read-only
+    mount): refused before the launch, before the model or the built-in assets are made."""
+    real = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    message = train_cli(RECIPE, "--output_dir", "{tmp}/ro")(tmp, monkeypatch)
+    assert not os.path.exists(tmp / "ro" / "builtin"), "the built-in assets were generated before the check"
+    return message
+
+
 def _partial_checkpoint(tmp):
     os.makedirs(tmp / "out" / "checkpoint-8")  # a plain Trainer save killed before its trainer_state.json
 
@@ -326,6 +370,14 @@ CASES = [
          ("tokenizer_name_or_path", "resume_from_checkpoint: none")),
     Case("checkpoint-incomplete", resume_value("{tmp}/out/checkpoint-8", setup=_partial_checkpoint),
          ("checkpoint-8", "neither tp_checkpoint.json nor trainer_state.json"), ("'auto'", "'none'")),
+    Case("checkpoint-save-disk-full", save_fault("full"), ("out/checkpoint-2", "no space left on device"),
+         ("free space", "lower save_total_limit", "earlier checkpoints are intact")),
+    Case("checkpoint-save-read-only", save_fault("read-only"), ("out/checkpoint-2", "out is read-only / not writable"),
+         ("output_dir to a writable directory",)),
+    Case("checkpoint-save-dir-removed", save_fault("removed"),
+         ("out/checkpoint-2", "out/.tmp-checkpoint-2 was removed while saving"), ("give each run its own output_dir",)),
+    Case("output-dir-read-only", read_only_output_dir, ("output_dir", "ro' is not usable", "read-only / not writable"),
+         ("output_dir to a writable directory",)),
     Case("checkpoint-path-missing", resume_value("{tmp}/out/chekpoint-8"), ("chekpoint-8", "not a directory"),
          ("checkpoint-N directory",)),
 ]

@@ -35,12 +35,14 @@ the hashing is split over the ranks) and the model's tensor names and full shape
 with the manifest; an error names the offending file or tensor, on every rank.
 """
 
-from .layout import MANIFEST, CheckpointError, is_complete, is_sharded_checkpoint, unwrap_optimizer
+from .layout import (MANIFEST, CheckpointError, CheckpointSaveError, is_complete, is_sharded_checkpoint,
+                     unwrap_optimizer)
 from .load import (CheckpointReader, HFCheckpointReader, load_model_weights, load_optimizer_state, load_scheduler,
                    open_trainer_checkpoint, refresh_master_weights, restore_rng_state)
-from .save import rotate_checkpoints, save_training_checkpoint, write_checkpoint, write_model_metadata
+from .save import check_writable, rotate_checkpoints, save_training_checkpoint, write_checkpoint, write_model_metadata
 
-__all__ = ["MANIFEST", "CheckpointError", "CheckpointReader", "HFCheckpointReader", "is_complete",
-           "is_sharded_checkpoint", "load_model_weights", "load_optimizer_state", "load_scheduler",
+__all__ = ["MANIFEST", "CheckpointError", "CheckpointReader", "CheckpointSaveError", "HFCheckpointReader",
+           "check_writable", "is_complete", "is_sharded_checkpoint", "load_model_weights", "load_optimizer_state",
+           "load_scheduler",
            "open_trainer_checkpoint", "refresh_master_weights", "restore_rng_state", "rotate_checkpoints",
            "save_training_checkpoint", "unwrap_optimizer", "write_checkpoint", "write_model_metadata"]

@@ -28,6 +28,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor and what to do."""
 
 
+class CheckpointSaveError(CheckpointError, OSError, RuntimeError):
+    """A checkpoint that could not be written (a full disk, a read-only or removed directory, ...), raised on
+    every rank; the message names the path, the cause and the fix. Nothing was published: the earlier
+    checkpoints are intact. ``errno`` is the first failing rank's (``errno.ENOSPC``, ...) or ``None``.
+    (Also a ``RuntimeError``: what a failed save raised before.)"""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror: filename"
+        return str(self.args[0]) if self.args else ""
+
+
 def is_sharded_checkpoint(path) -> bool:
     return path is not None and os.path.isfile(os.path.join(path, MANIFEST))
 

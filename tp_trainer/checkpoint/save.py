@@ -7,6 +7,7 @@ its error to every rank instead of leaving them blocked.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from .export import resolve_save_dtype
 from .lora import write_adapter_configs, writes_adapter_directory
 from .fully_sharded import is_dp_sharded, write_dp_sharded_model_file
 from .layout import (FORMAT, GROUPS, MANIFEST, SCALER, SCHEDULER, TMP_PREFIX, TRAINER_STATE, VERSION,
+                     CheckpointSaveError,
                      _all_gather_object, _barrier, _finish_file, _fsync, _full_shape, _rng_states, _spec_record,
                      _versions, is_complete, unwrap_optimizer)
 
@@ -56,8 +58,12 @@ def save_training_checkpoint(trainer, trial=None) -> str:
     write_checkpoint(final, model=trainer.model, optimizer=trainer.optimizer, ctx=ctx,
                      zero_stage=args.zero_stage, save_only_model=args.save_only_model,
                      save_dtype=resolve_save_dtype(args, trainer.model), extras=_RankZeroExtras(trainer))
+    # only after a save that succeeded on every rank: a failed one raised above, so nothing is rotated away
     if ctx.rank == 0:
-        rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        try:
+            rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        except OSError as err:  # the new checkpoint is complete: a failed clean-up of old ones is not fatal
+            logger.warning(f"rotating the checkpoints of {run_dir} failed ({err}); the older checkpoints stay")
     _barrier(ctx)
     return final
 
@@ -100,41 +106,132 @@ def write_model_metadata(model, directory: str, processing_class=None) -> None:
 
 def write_checkpoint(final: str, *, model, optimizer, ctx, zero_stage: int, save_only_model: bool = False,
                      save_dtype: torch.dtype = torch.float32, extras=None) -> None:
-    """Write ``final`` atomically from every rank (collective); see the module docstring."""
+    """Write ``final`` atomically from every rank (collective); see the module docstring.
+
+    A rank that fails (disk full, read-only or removed directory, ...) reports instead of leaving the others
+    blocked: each step ends with an all-gather of every rank's outcome (rank 0's preparation, every rank's
+    files, rank 0's manifest and rename), and on any failure every rank raises the same
+    :class:`CheckpointSaveError`, the partial temporary directory is removed and nothing is published.
+    """
     parent, name = os.path.split(os.path.abspath(final))
     tmp = os.path.join(parent, TMP_PREFIX + name)
-    if ctx.rank == 0:
-        os.makedirs(parent, exist_ok=True)
-        for stale in os.listdir(parent):  # leftovers of killed saves: never complete, never resumed from
-            if stale.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR) or stale == TMP_PREFIX + name:
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(ctx)
+    prepared = _attempt(_prepare, parent, name, tmp) if ctx.rank == 0 else None
+    _raise_if_failed(_all_gather_object(prepared, ctx), final, tmp, ctx)  # also the barrier before the writes
     optimizer = None if save_only_model else unwrap_optimizer(optimizer)
-    # A rank that fails (disk full, ...) reports instead of leaving the others blocked in a collective.
-    gathered = _all_gather_object(_attempt(_write_rank_files, tmp, model, optimizer, ctx), ctx)
-    _raise_if_failed(gathered, final)
+    gathered = _all_gather_object(_attempt(_write_rank_files, tmp, model, optimizer, ctx, tmp=tmp), ctx)
+    _raise_if_failed(gathered, final, tmp, ctx)
     outcome = None
     if ctx.rank == 0:
         outcome = _attempt(_finish_on_rank0, tmp, final, [g[0] for g in gathered], model=model, optimizer=optimizer,
                            ctx=ctx, zero_stage=zero_stage, save_dtype=save_dtype, extras=extras,
-                           save_only_model=save_only_model)
-    _raise_if_failed(_all_gather_object(outcome, ctx), final)
+                           save_only_model=save_only_model, tmp=tmp)
+    _raise_if_failed(_all_gather_object(outcome, ctx), final, tmp, ctx)
 
 
-def _attempt(fn, *args, **kwargs) -> tuple:
-    """``(result, None)`` or ``(None, "ExceptionType: message")``."""
+def _prepare(parent: str, name: str, tmp: str) -> None:
+    """Rank 0: the output directory, no stale temporary directories, a fresh ``tmp``."""
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # leftovers of killed saves: never complete, never resumed from
+        if stale.startswith(TMP_PREFIX + PREFIX_CHECKPOINT_DIR) or stale == TMP_PREFIX + name:
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _attempt(fn, *args, tmp: str | None = None, **kwargs) -> tuple:
+    """``(result, None)`` or ``(None, failure)``: a small picklable record of the error (its text, its errno,
+    whether ``tmp``, given once it exists, has disappeared meanwhile)."""
     try:
         return fn(*args, **kwargs), None
     except Exception as err:  # reported to every rank by the caller
-        return None, f"{type(err).__name__}: {err}"
+        return None, {"error": f"{type(err).__name__}: {err}", "errno": _errno_of(err),
+                      "removed": tmp is not None and not os.path.isdir(tmp)}
 
 
-def _raise_if_failed(outcomes: list, final: str) -> None:
-    failed = [f"rank {r}: {o[1]}" for r, o in enumerate(outcomes) if o is not None and o[1] is not None]
-    if failed:
-        raise RuntimeError(f"saving {final} failed ({'; '.join(failed)}); it was not written and the earlier "
-                           "checkpoints are intact")
+_OS_ERROR_CODE = re.compile(r"(?:os error |code: )(\d+)")  # safetensors' Rust I/O errors carry the errno as text
+
+
+def _errno_of(err: BaseException) -> int | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        if m := _OS_ERROR_CODE.search(str(err)):
+            return int(m.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_fault(directory: str, code: int | None, *, removed: bool = False) -> tuple[str, str] | None:
+    """``(cause, fix)`` of a failed write under ``directory``, or ``None`` when it is not a storage fault."""
+    if removed or code == errno.ENOENT:
+        return (f"{directory} was removed while saving",
+                ("something else deleted it during the save (a clean-up job, another run sharing output_dir): "
+                 "give each run its own output_dir and keep other tools out of it while training"))
+    if code in _NO_SPACE:
+        return (f"no space left on device (or the disk quota is exhausted) for {directory}",
+                ("free space on that file system, lower save_total_limit so that fewer checkpoints are kept, "
+                 "or set output_dir to a larger disk"))
+    if code in _NOT_WRITABLE:
+        return (f"{directory} is read-only / not writable",
+                ("make it writable (remount the file system read-write, fix its owner or permissions) or set "
+                 "output_dir to a writable directory"))
+    return None
+
+
+def _raise_if_failed(outcomes: list, final: str, tmp: str, ctx) -> None:
+    failed = [(r, o[1]) for r, o in enumerate(outcomes) if o is not None and o[1] is not None]
+    if not failed:
+        return
+    if ctx.rank == 0:  # every rank is past its writes (this follows a collective): remove the partial save
+        shutil.rmtree(tmp, ignore_errors=True)
+    parent = os.path.dirname(final)
+    first = failed[0][1]
+    details = "; ".join(f"rank {r}: {f['error']}" for r, f in failed)
+    fault = storage_fault(parent, first["errno"], removed=any(f["removed"] for _, f in failed))
+    if fault is not None and "removed" in fault[0] and os.path.isdir(parent):
+        fault = (f"{tmp} was removed while saving", fault[1])
+    cause, fix = fault or ("the error above", "fix its cause")
+    newest = _newest_complete(parent)
+    intact = (f"the newest complete one, {newest}, is what resume_from_checkpoint: auto resumes from"
+              if newest else "there is no earlier complete checkpoint in it")
+    error = CheckpointSaveError(
+        f"saving {final} failed ({details}): {cause}. Fix: {fix}. Nothing was published and the earlier "
+        f"checkpoints are intact ({intact}); the partial {tmp} is removed (or, if that fails too, by the next save)")
+    error.errno, error.filename = first["errno"], parent
+    raise error
+
+
+def _newest_complete(parent: str) -> str | None:
+    try:
+        found = sorted((int(m.group(1)), d) for d in os.listdir(parent) if (m := _STEP.match(d)))
+    except OSError:
+        return None
+    complete = [os.path.join(parent, d) for _, d in found if is_complete(os.path.join(parent, d))]
+    return complete[-1] if complete else None
+
+
+def check_writable(directory: str) -> None:
+    """Create ``directory`` if needed and a probe file in it (``os.access`` says yes to root on a read-only
+    mount); a ``ValueError`` naming the directory, the cause and the fix if that fails."""
+    probe = os.path.join(directory, f".tp_trainer-write-probe-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        cause, fix = storage_fault(directory, err.errno) or (f"{directory} cannot be written", "fix its cause")
+        raise ValueError(f"output_dir {directory!r} is not usable ({type(err).__name__}: {err}): {cause}. "
+                         f"Fix: {fix}") from err
 
 
 def _finish_on_rank0(tmp, final, per_rank, *, model, optimizer, ctx, zero_stage, save_dtype, extras,
@@ -229,12 +326,18 @@ def _manifest(model, ctx, zero_stage, files, pieces, *, has_optimizer: bool) -> 
 
 
 def _publish(tmp: str, final: str) -> None:
-    """``rename(tmp, final)``; an existing ``final`` (same step saved again) is moved aside first."""
+    """``rename(tmp, final)``; an existing ``final`` (same step saved again) is moved aside first, and back
+    if the rename fails."""
     trash = None
     if os.path.exists(final):
         trash = tmp + ".old"
         os.rename(final, trash)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if trash is not None:
+            os.rename(trash, final)  # the earlier checkpoint-N stays what it was
+        raise
     _fsync(os.path.dirname(final))
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
@@ -244,24 +347,27 @@ _STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def rotate_checkpoints(run_dir: str, limit: int | None, best: str | None) -> list[str]:
-    """Delete the oldest checkpoints beyond ``limit``; keeps the newest complete one and ``best``."""
+    """Keep ``limit`` complete checkpoints: the newest, ``best`` (counted in the limit, as in the Trainer), then
+    the newest others; delete the older complete ones and the incomplete ``checkpoint-N`` directories (never
+    resumed from). Only complete checkpoints count towards the limit, so an incomplete directory (a failed
+    save) never pushes a complete checkpoint out."""
     if not limit or limit <= 0:
         return []
     found = sorted((int(m.group(1)), os.path.join(run_dir, d)) for d in os.listdir(run_dir)
                    if (m := _STEP.match(d)) and os.path.isdir(os.path.join(run_dir, d)))
     paths = [p for _, p in found]
-    complete = [p for p in paths if is_complete(p)]
-    protected = {complete[-1]} if complete else set()
+    complete = [os.path.abspath(p) for p in paths if is_complete(p)]
+    keep = {complete[-1]} if complete else set()
     if best:
-        protected.add(os.path.abspath(best))
-    protected = {os.path.abspath(p) for p in protected}
-    deleted, remaining = [], len(paths)
-    for p in paths:
-        if remaining <= max(limit, len(protected)):
+        keep.add(os.path.abspath(best))
+    for p in reversed(complete):  # then the newest complete ones, up to the limit (best counts, as in the Trainer)
+        if len(keep) >= limit:
             break
-        if os.path.abspath(p) not in protected:
+        keep.add(p)
+    deleted = []
+    for p in paths:
+        if os.path.abspath(p) not in keep:
             logger.info(f"Deleting older checkpoint [{p}] due to args.save_total_limit")
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p)
-            remaining -= 1
     return deleted

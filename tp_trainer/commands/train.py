@@ -232,6 +232,9 @@ def main(argv: list[str]) -> int:
         with world_size_env(nproc):  # validate the recipe as the ranks will see it, before launching them
             recipe = parse_recipe(argv)
         job, training = recipe.job, recipe.training
+        from ..checkpoint.save import check_writable
+
+        check_writable(training.output_dir)  # a read-only output_dir fails here, not at the first save
         check_resume_value(training.resume_from_checkpoint, training.output_dir, overwrite=job.overwrite_output_dir)
         paths = resolve_assets(recipe)  # generate the built-in assets once here rather than racing in every rank
         candidate = resume_candidate(training.resume_from_checkpoint, training.output_dir,

@@ -9,6 +9,9 @@
   resumed from it (``resume_from_checkpoint: auto``) ends with weights *bit-identical* to an
   uninterrupted run: fp32 on the CPU, same operations in the same order on the same data (the
   resume restores weights, optimizer, scheduler, RNG and data position), so no tolerance.
+* **The command** (``tp-trainer train recipes/tiny-sft.yaml``, tiny, one process): a second launch
+  resumes from the newest checkpoint (says so, its log_history continues from that step);
+  ``--overwrite_output_dir true`` starts over from step 0 and removes the old checkpoints.
 """
 
 from __future__ import annotations
@@ -533,3 +536,44 @@ def test_two_nodes_give_the_losses_of_one_and_survive_losing_a_node(tmp_path):
     starts = [line for line in lines if line.startswith("START ")]
     assert len(starts) == 2 and starts[1].startswith("START resuming from step ") and "restart 1)" in starts[1], starts
     assert_same_run(out, reference)
+
+
+# ------------------------------------------------------------------------------------ tp-trainer train resumes
+def tp_trainer_train(out, *extra):
+    """``tp-trainer train recipes/tiny-sft.yaml`` from a plain shell, tiny (one process, a few seconds of
+    training); returns its output and the steps of its log_history.json (step -> loss)."""
+    import subprocess
+    import sys
+
+    argv = [os.path.join(ROOT, "recipes", "tiny-sft.yaml"), "--output_dir", str(out), "--nproc_per_node", "1",
+            "--tp_size", "1", "--zero_stage", "1", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
+            "--per_device_train_batch_size", "4", "--generated_train_size", "64", "--generated_eval_size", "8",
+            "--max_length", "64", "--eval_after_train", "false", "--disable_tqdm", "true", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "tp_trainer.cli", "train", *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"tp-trainer train {extra} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(os.path.join(out, "log_history.json")) as f:
+        losses = {h["step"]: h["loss"] for h in json.load(f) if "loss" in h}
+    return proc.stdout + proc.stderr, losses
+
+
+def test_tp_trainer_train_resumes_from_the_newest_checkpoint_and_overwrite_starts_over(tmp_path):
+    out = tmp_path / "out"
+    log, first = tp_trainer_train(out, "--max_steps", "4")
+    assert "tp_trainer: starting from step 0: no complete checkpoint in" in log
+    assert sorted(first) == [1, 2, 3, 4]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+
+    log, second = tp_trainer_train(out, "--max_steps", "6")  # resume_from_checkpoint: auto, the recipe's default
+    assert "tp_trainer: resuming from step 4 (checkpoint-4; auto)" in log, log[-3000:]
+    # the history continues from step 4: steps 1-4 are the first run's (restored from checkpoint-4), then 5, 6
+    assert sorted(second) == [1, 2, 3, 4, 5, 6] and {s: second[s] for s in first} == first
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+
+    log, third = tp_trainer_train(out, "--max_steps", "2", "--overwrite_output_dir", "true")
+    assert "tp_trainer: starting over from step 0: removed 2 checkpoint(s)" in log, log[-3000:]
+    assert sorted(third) == [1, 2] and third[1] == first[1]  # the same seed from scratch: the same first step
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2"]

@@ -22,11 +22,15 @@ CPU attention TPTrainer installs, and count
   Buffers ``free_now`` empties while gloo still holds them count at their new size (0) since
   ``LiveTensorBytes`` reads resized storages; before, the bf16 ZeRO-0 dp=2 case measured 20% over
   the estimate in 4 of 14 runs of this file on one host (0 of 12 since).
+
+ZeRO-3 (FSDP2 + ``FullyShardedOptimizer``) runs in a tp=2 x dp=2 world of its own, measured the same way
+(``_fresh_gather_storages`` says what FSDP2's reused storages need for the tracker to see them).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -164,6 +168,36 @@ def test_states_shrink_as_the_theory_says():
     assert tp2.activations < base.activations
 
 
+def test_zero3_states_are_the_padded_dp_shards(tmp_path, capsys):
+    """ZeRO-3 keeps 4 + 8 bytes per element of ceil(rows / dp) rows of every local TP tensor between steps (16 bytes
+    with the gradient shards), whatever the training dtype; the CLI takes --zero 3 and refuses stage 4."""
+    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=98)
+    z3 = estimate_memory(cfg, tp=2, dp=2, zero=3, dtype="bf16", batch=1, seq=16)
+    z1 = estimate_memory(cfg, tp=2, dp=2, zero=1, dtype="bf16", batch=1, seq=16)
+    shard = sum(math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) for p in _tp_local_shapes(cfg, 2))
+    assert shard > z3.local_params / 2  # 49 vocabulary rows per TP rank: 25 on dp rank 0
+    assert (z3.params, z3.grads, z3.optimizer, z3.persistent) == (4 * shard, 4 * shard, 8 * shard, 12 * shard)
+    assert z3.activations == z1.activations and z3.peak < z1.peak
+    assert z3.step_peak > z3.activations + z3.grads  # plus the units gathered and the reduce-scatter buffer
+    with pytest.raises(ValueError, match="zero must be 0, 1, 2 or 3, got 4"):
+        estimate_memory(cfg, tp=2, dp=2, zero=4, dtype="bf16", batch=1, seq=16)
+    path = tmp_path / "config.json"
+    cfg.to_json_file(path)
+    assert estimate_cmd.main(["--model", str(path), "--tp", "2", "--dp", "2", "--zero", "3", "--seq", "16",
+                              "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak"] == z3.peak
+    assert estimate_cmd.main(["--model", str(path), "--tp", "2", "--dp", "2", "--zero", "1", "--seq", "16",
+                              "--compare"]) == 0
+    assert "(zero=3: peak" in capsys.readouterr().out
+
+
+def _tp_local_shapes(config, tp):
+    from tp_trainer.memory import _sharded_meta_model
+
+    return list(_sharded_meta_model(config, tp, torch.bfloat16).parameters())
+
+
 def test_bucket_shards_round_up_per_bucket():
     assert bucket_shard_numel([3, 3, 3], 2, bucket_numel=6) == 3 + 2  # buckets [3,3] -> 3 each, [3] -> 2
     assert bucket_shard_numel([10], 4) == 3
@@ -293,3 +327,106 @@ def test_activations_per_layer_are_the_closed_form(saved_per_layer, case):
         assert abs(rank[case] / want - 1) <= 0.10, f"{case}: measured {rank[case]} bytes, the closed form {want}"
     if sp:  # sequence parallelism keeps a tp-th of what the layer keeps whole without it
         assert saved_per_layer[0][case] < saved_per_layer[0][(name, tp, False)]
+
+
+# ------------------------------------------------------------------- ZeRO-3 (FSDP2 per unit) against live ranks
+# tp=2 x dp=2 in one 4-rank world: an untied model (the embeddings are units of their own), in fp32 and bf16
+# (fp32 masters, 16-bit compute), a tied one (the root holds the shared embedding for the whole step), and
+# 4 tokens, where the gathered units and the gradient buffers of backward set the peak, not the activations
+# (the estimate with one unit in flight in backward, without FSDP2's prefetch, is 1% low there); with activation
+# checkpointing (a block recomputed in backward while it is gathered).
+ZERO3_CASES = [("llama", "fp32", BATCH, SEQ, False), ("llama", "bf16", BATCH, SEQ, False),
+               ("gpt2", "bf16", BATCH, SEQ, False), ("llama", "bf16", 1, 4, False), ("llama", "bf16", BATCH, SEQ, True)]
+
+
+def _measure_zero3(cases):
+    from tp_trainer.memory_trace import LiveTensorBytes
+    from tp_trainer.parallel.attention import use_cpu_attention
+    from tp_trainer.parallel.context import ParallelContext
+    from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+    from tp_trainer.zero import FullyShardedOptimizer, shard_parameters_over_dp
+
+    def live_states(model, opt):  # each storage once: fp32 shards, their gradients, AdamW's states
+        from tp_trainer.memory import _storage_bytes
+
+        seen: set = set()
+        params = _storage_bytes(model.parameters(), seen)
+        grads = _storage_bytes([p.grad for p in model.parameters()], seen)
+        states = [t for s in opt.inner.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+        return {"params": params, "grads": grads, "optimizer": _storage_bytes(states, seen)}
+
+    out = []
+    for family, dtype, batch, seq, checkpointing in cases:
+        model = tiny_model(family, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        ctx = ParallelContext.from_environment(2)
+        apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx)
+        if ctx.kernels.cpu_attention:  # as TPTrainer does
+            use_cpu_attention(model)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            model.config.use_cache = False
+        model = shard_parameters_over_dp(model, ctx)
+        opt = FullyShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), ctx)
+        ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(ctx.dp_rank))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()  # creates the Adam states
+        opt.zero_grad()
+        at_start = sum(live_states(model, opt).values())
+        _fresh_gather_storages(model)
+        with LiveTensorBytes() as live:  # the second step, states present
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.finish_grad_sync()
+            states = live_states(model, opt)  # the gradient peak
+            opt.clip_grad_norm(1.0)
+            opt.step()
+            opt.zero_grad()
+        out.append({"dp": ctx.dp_size, **states, "at_start": at_start, "peak": at_start + live.peak,
+                    "loss": model(input_ids=ids, labels=ids).loss.item()})
+    return out
+
+
+def _fresh_gather_storages(model):
+    """Make FSDP2 allocate its unsharded parameters anew in the next step, where ``LiveTensorBytes`` sees them.
+
+    FSDP2 keeps each parameter's all-gather output from step to step and frees / re-allocates it by resizing
+    its storage in place (``UntypedStorage.resize_``, not an op the dispatcher sees): made in the first step,
+    the gathered units of the second would be invisible to the tracker (a 2-7% lower measured peak on these
+    models, where the gathered root or a block is that much of it). Dropping them (and the parameter that
+    views them) between steps makes the next all-gather create them with ``torch.empty``, which is seen, and
+    every later resize of a storage created in the mode is counted at its new size."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        for fsdp_param in group.fsdp_params if group is not None else ():
+            fsdp_param.all_gather_outputs = []
+            del fsdp_param._unsharded_param
+
+
+@pytest.fixture(scope="module")
+def measured_zero3():
+    return run_distributed(_measure_zero3, 4, ZERO3_CASES)
+
+
+@pytest.mark.parametrize("index", range(len(ZERO3_CASES)), ids=["{}-{}-{}x{}-checkpointing{}".format(*c) for c in ZERO3_CASES])
+@MEASURED_ON_CPU
+def test_zero3_estimate_equals_live_ranks(measured_zero3, index):
+    """Stage 3: the states exactly (rank 0 holds ceil(rows / dp) rows of every local TP tensor, the largest shard);
+    the peak on the largest rank within the other stages' bound (module docstring). Measured 0.9991-1.0004 in 7 of
+    8 runs of these cases, the same to the byte each time; once, on a loaded host, the tied GPT-2 case measured
+    2.7% over the estimate (0.974): a collective's buffer gloo held until its peer finished, as the module
+    docstring describes for ZeRO buckets. Buffers the estimate once left out: the forward's kept all-gather
+    output (-2.6% fp32, -1.4% bf16 before it was modelled), the prefetched unit of backward (-1.03% at 4 tokens)."""
+    family, dtype, batch, seq, checkpointing = ZERO3_CASES[index]
+    ranks = [per_rank[index] for per_rank in measured_zero3]
+    got = max(ranks, key=lambda m: m["params"] + m["grads"] + m["optimizer"])
+    est = estimate_memory(tiny_model(family).config, tp=2, dp=got["dp"], zero=3, dtype=dtype, batch=batch, seq=seq,
+                          device="cpu", checkpointing=checkpointing)
+    assert (est.params, est.grads, est.optimizer) == (got["params"], got["grads"], got["optimizer"])
+    assert est.persistent == got["at_start"]  # the gradient shards are gone after zero_grad
+    peak = max(m["peak"] for m in ranks)
+    ratio = est.peak / peak
+    assert 0.96 <= ratio <= 1.01, f"estimated peak {est.peak} vs measured {peak} (ratio {ratio:.4f}, " \
+                                  f"persistent {est.persistent}, activations {est.activations})"
+    assert peak > 1.3 * est.persistent  # the step's own allocations are a real part of the check
+    assert all(math.isfinite(m["loss"]) for m in ranks)  # it still trains after _fresh_gather_storages

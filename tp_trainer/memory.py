@@ -1,10 +1,11 @@
-"""Per-rank training memory of a ``dp x tp`` layout with ZeRO 0/1/2, computed without allocating anything.
+"""Per-rank training memory of a ``dp x tp`` layout with ZeRO 0/1/2/3, computed without allocating anything.
 
 The model is built on the ``meta`` device and sharded by the real planner and
 :func:`~tp_trainer.planner.apply_tensor_parallel` (rank 0's shards), so ``P``, the parameter
 elements one TP rank holds (its shards, padded vocabulary rows and the replicated tensors),
 is exact. With ``b`` bytes per element of the training dtype, ``dp`` replicas and AdamW
-(two fp32 states per element), what :class:`tp_trainer.zero.ShardedOptimizer` keeps is
+(two fp32 states per element), what :class:`tp_trainer.zero.ShardedOptimizer` (stages 0-2) and
+FSDP2 with :class:`tp_trainer.zero.FullyShardedOptimizer` (stage 3) keep is
 
 ========  ==================  ===============================  ====================================
 stage     parameters          gradients (after backward)        optimizer (fp32 master + 2 states)
@@ -13,12 +14,34 @@ stage     parameters          gradients (after backward)        optimizer (fp32 
                                           when ``b != 4``)         ``b != 4``; fp32 trains in place)
 1         ``P b``             ``P b + 4 S``                     ``12 S``
 2         ``P b``             ``4 S`` between backwards         ``12 S``
+3         ``4 S3`` (fp32        ``4 S3`` fp32 shards, from        ``8 S3`` (the parameters are
+          shards: masters)    backward to ``zero_grad``         the masters)
 ========  ==================  ===============================  ====================================
 
 where ``S = sum over buckets of ceil(n / dp)`` ~ ``P / dp`` is this rank's slice of the flat
-buckets. Of those, the *persistent* part lives from step to step: parameters, optimizer
-states and (ZeRO-1/2) the ``4 S`` flat gradient shard; ``p.grad`` and the fp32 master
-gradients of ZeRO-0 appear during the step and are freed by ``zero_grad``.
+buckets and ``S3 = sum over parameters of ceil(rows / dp) x row`` ~ ``P / dp`` its dim-0 shards of
+the local TP tensors (FSDP2 pads each shard's storage to ``ceil(rows / dp)`` rows; rank 0 holds
+that many of every tensor, the most). Of those, the *persistent* part lives from step to step:
+parameters, optimizer states and (ZeRO-1/2) the ``4 S`` flat gradient shard; ``p.grad``, the fp32
+master gradients of ZeRO-0 and ZeRO-3's gradient shards appear during the step and are freed by
+``zero_grad``.
+
+ZeRO-3 (``zero/fully_sharded.py``: FSDP2 per block, embedding and root over the dp mesh dim,
+16-bit compute from fp32 masters): the step is simulated on the same meta model in its compute
+dtype, whose parameters stand for the gathered ones, with FSDP2's buffers allocated where torch's
+``_fully_shard`` makes them (:class:`_FullyShardedUnits`): in forward each unit's all-gather (the
+shards cast to 16 bits, the flat output and the per-parameter outputs it is copied into, ``b x``
+the unit's padded elements each) freed after the unit's forward (the root's after the whole
+forward: it holds the final norm, and a tied embedding); in backward the unit gathered again *and
+the one before it* (FSDP2's explicit backward prefetch: two units in flight, on CPU/gloo as on
+CUDA), then, once its gradients are complete, the ``4 x`` padded fp32 reduce-scatter input beside
+its ``b``-byte gradients (which are then freed), the previous unit's input kept until then (FSDP2
+holds one), and the fp32 gradient shard, kept to the step's end. Units whose inputs need no
+gradient (the input embedding) and the root reduce in FSDP2's final callback, after backward. The
+activations are those of stages 0-2 (FSDP2 frees a gathered weight's storage under autograd's
+saved reference). Not modelled: CUDA's implicit forward prefetch (the next unit's all-gather issued
+while this one computes: one more unit, ``b U``, on the forward side) and the ``finish_grad_sync``
+window of a parameter whose rows several TP ranks hold (one fp32 local tensor, after backward).
 
 The peak is simulated, not modelled: one training step of the sharded meta model runs under
 :class:`~tp_trainer.memory_trace.LiveTensorBytes`, which follows every tensor the step creates
@@ -50,6 +73,7 @@ allocator's caching and fragmentation.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -168,7 +192,10 @@ def _use_fused_attention_memory(model) -> None:
     """Route the meta model's ``sdpa`` attention through :class:`_FusedAttentionMemory` (SDPA on ``meta``
     would run its math fallback, which keeps the ``S x S`` probabilities a fused kernel never stores)."""
     from transformers import AttentionInterface, PretrainedConfig
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     from .parallel.attention import dispatches_by_registry
 
@@ -230,6 +257,184 @@ def _sync_and_step(params: list, *, zero: int, dp: int, bucket_numel: int) -> No
             _transient((padded, dtype), (padded // dp if dtype != f32 else 0, dtype), device=meta)
 
 
+class _FullyShardedUnits:
+    """ZeRO-3 on the meta model: FSDP2's buffers (``zero/fully_sharded.py``, torch's ``_fully_shard``) at the
+    points it makes them, per unit (each block, the input and output embeddings, the root: ``block_units``).
+
+    * forward, per unit: the all-gather (the shards cast to the compute dtype when it is 16-bit, the flat
+      output of ``b x`` the unit's padded elements, then the per-parameter outputs it is copied into; FSDP2
+      keeps the flat output until the next unit's copy-out) and the reshard after the unit's forward (the
+      root's after the whole forward);
+    * backward, per unit, when the gradient of one of its outputs arrives: the unit gathered again and the one
+      that ran before it in forward prefetched (FSDP2's explicit backward prefetch: two units in flight);
+    * after a unit's gradients are complete: reshard, free the previous unit's reduce-scatter input (FSDP2 keeps
+      one), the fp32 reduce-scatter input (``4 x`` padded elements) beside the ``b``-byte gradients, which are then
+      freed, and the fp32 gradient shard (``4 x`` padded / dp), kept until ``zero_grad``. Units whose inputs need
+      no gradient (the input embedding) and the root do this in FSDP2's final callback, after backward.
+
+    The meta model's parameters stand for the gathered ones (the step does not count them); the allocations here
+    are what the gathered storages and the gradient buffers cost."""
+
+    def __init__(self, model, dp: int):
+        from .zero.fully_sharded import _embedding_units, block_units
+
+        blocks = block_units(model)
+        self.units = blocks + _embedding_units(model, blocks) + [model]
+        self.root, self.dp, self.handles = model, dp, []
+        claimed: set = set()
+        self.own: dict[int, list] = {}
+        for unit in self.units:  # the parameters a unit gathers: its own, not those of units inside it
+            self.own[id(unit)] = [p for p in unit.parameters() if id(p) not in claimed]
+            claimed.update(id(p) for p in self.own[id(unit)])
+
+    def padded(self, unit) -> int:
+        return sum(math.ceil(p.shape[0] / self.dp) * self.dp * math.prod(p.shape[1:]) if p.dim() else self.dp
+                   for p in self.own[id(unit)])
+
+    def shard(self, unit) -> int:
+        return self.padded(unit) // self.dp
+
+    def __enter__(self):
+        self.gathered: dict[int, torch.Tensor] = {}  # the unsharded parameters of a unit
+        self.flat: dict[int, torch.Tensor] = {}      # all-gather outputs not yet copied out
+        self.ag_state = None                          # the last forward all-gather output FSDP2 keeps
+        self.grad_shards: list = []
+        self.rs_input: list = []
+        self.order: list = []
+        self.backward = False
+        self.final: set = {id(self.root)}
+        self.ready: dict[int, set] = {}
+        self.owner = {id(p): unit for unit in self.units for p in self.own[id(unit)] if p.requires_grad}
+        for unit in self.units:
+            self.handles.append(unit.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self.handles.append(unit.register_forward_hook(self._post_forward))
+        for p in {id(p): p for p in self.root.parameters() if p.requires_grad}.values():
+            self.handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.gathered.clear()
+        self.flat.clear()
+        self.ag_state = None
+        self.rs_input.clear()
+        self.grad_shards.clear()
+
+    def _unshard(self, unit) -> None:
+        """The all-gather: the shards cast to the compute dtype (16-bit), then the flat output, which FSDP2 holds
+        (``_all_gather_result``) until the copy-out in :meth:`_copy_out`."""
+        if id(unit) in self.gathered or id(unit) in self.flat or not self.own[id(unit)]:
+            return
+        p = self.own[id(unit)][0]
+        cast = torch.empty(self.shard(unit), dtype=p.dtype, device=p.device) if p.dtype != torch.float32 else None
+        self.flat[id(unit)] = torch.empty(self.padded(unit), dtype=p.dtype, device=p.device)
+        del cast
+
+    def _copy_out(self, unit, *, forward: bool) -> None:
+        """``wait_for_unshard``: the per-parameter outputs the flat one is copied into (the unsharded parameters).
+        In forward FSDP2 keeps the flat output until the next unit's copy-out (``all_gather_state``: it frees
+        the previous one first); in backward it frees it at once."""
+        if id(unit) not in self.flat:
+            return
+        if forward:
+            self.ag_state = None
+        p = self.own[id(unit)][0]
+        self.gathered[id(unit)] = torch.empty(self.padded(unit), dtype=p.dtype, device=p.device)
+        flat = self.flat.pop(id(unit))
+        if forward:
+            self.ag_state = flat
+        del flat
+
+    def _pre_forward(self, unit, args, kwargs):
+        if not self.backward:
+            if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
+                self.final.add(id(unit))
+            self._unshard(unit)
+            self._copy_out(unit, forward=True)
+
+    def _post_forward(self, unit, args, output):
+        if self.backward:  # recomputed under activation checkpointing: FSDP2 keeps it gathered for backward
+            return
+        self.gathered.pop(id(unit), None)
+        self.order.append(unit)
+        if unit is self.root:  # the end of the forward: FSDP2 frees the last all-gather result
+            self.ag_state = None
+        index = len(self.order) - 1
+        tensors = [t for t in _tensors_of(output) if t.requires_grad]
+        if tensors:
+            fired = [False]
+
+            def pre_backward(grad):
+                if not fired[0]:
+                    fired[0] = True
+                    self.backward = True
+                    self._unshard(unit)  # no-op when prefetched
+                    self._copy_out(unit, forward=False)
+                    if index > 0:  # the prefetch: its all-gather only, copied out at its own pre-backward
+                        self._unshard(self.order[index - 1])
+                return grad
+
+            for t in tensors:
+                t.register_hook(pre_backward)
+        return
+
+    def _accumulated(self, p) -> None:
+        unit = self.owner[id(p)]
+        done = self.ready.setdefault(id(unit), set())
+        done.add(id(p))
+        if id(unit) not in self.final and len(done) == len(self.owner_params(unit)):
+            self._post_backward(unit)
+
+    def owner_params(self, unit) -> list:
+        return [p for p in self.own[id(unit)] if p.requires_grad]
+
+    def _post_backward(self, unit) -> None:
+        self.gathered.pop(id(unit), None)  # reshard
+        self.rs_input.clear()              # the previous unit's reduce-scatter input
+        params = self.owner_params(unit)
+        if not params:
+            return
+        meta = params[0].device
+        self.rs_input.append(torch.empty(self.padded(unit), dtype=torch.float32, device=meta))
+        for p in params:
+            p.grad = None
+        self.grad_shards.append(torch.empty(self.shard(unit), dtype=torch.float32, device=meta))
+
+    def finish_backward(self) -> None:
+        """FSDP2's final callback: the post-backward of the units still pending, in module order, then the last
+        reduce-scatter input is released."""
+        for unit in sorted((u for u in self.units if id(u) in self.final), key=self._module_index):
+            self._post_backward(unit)
+        self.rs_input.clear()
+        self.gathered.clear()
+        self.flat.clear()
+        self.backward = False
+
+    def _module_index(self, unit) -> int:
+        for i, m in enumerate(self.root.modules()):
+            if m is unit:
+                return i
+        return -1
+
+
+def _tensors_of(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors_of(item)]
+    return []
+
+
+def fully_sharded_numel(model, dp: int) -> int:
+    """``S3``: the elements of this rank's dp shards of ``model``'s parameters, FSDP2's storage padded to
+    ``ceil(rows / dp)`` rows of each local TP tensor (rank 0 holds that many rows of every tensor)."""
+    return sum(math.ceil(p.shape[0] / dp) * math.prod(p.shape[1:]) if p.dim() else 1 for p in model.parameters())
+
+
 def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_numel: int = 2**24) -> tuple[int, int]:
     """One training step of ``model`` (on ``meta``): ``(bytes saved for backward, peak bytes allocated)``.
 
@@ -248,6 +453,7 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
         return t
 
     hooks = _zero2_hooks(params, dp, bucket_numel) if zero == 2 else []
+    units = _FullyShardedUnits(model, dp) if zero == 3 else contextlib.nullcontext()
     model.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     # checkpointing runs without a KV cache (transformers turns it off, with a warning, if asked for one)
@@ -256,13 +462,16 @@ def simulate_step(model, *, batch: int, seq: int, zero: int, dp: int, bucket_num
         with _no_packed_sequences():
             with torch.no_grad():  # fills what the code caches across steps (the CPU attention's block masks)
                 model(input_ids=ids, **kwargs)
-            with LiveTensorBytes() as live:
+            with LiveTensorBytes() as live, units:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     loss = model(input_ids=ids, labels=ids, **kwargs).loss
                 activations = sum(saved.values())
                 loss.backward()
                 del loss
-                _sync_and_step(params, zero=zero, dp=dp, bucket_numel=bucket_numel)
+                if zero == 3:  # the gradient shards stay until zero_grad; the step updates the shards in place
+                    units.finish_backward()
+                else:
+                    _sync_and_step(params, zero=zero, dp=dp, bucket_numel=bucket_numel)
                 for p in params:
                     p.grad = None
     finally:
@@ -290,8 +499,8 @@ def _check_layout(*, tp: int, dp: int, zero: int, dtype: str, batch: int, seq: i
                   cpu_kernels: str) -> None:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
-    if zero not in (0, 1, 2):
-        raise ValueError(f"zero must be 0, 1 or 2, got {zero}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if tp < 1 or dp < 1 or batch < 1 or seq < 1:
@@ -319,6 +528,11 @@ class _Layout:
                                          self.sequence_parallel)
         numels = [p.numel() for p in self.model.parameters() if p.requires_grad]
         local = self.local = sum(p.numel() for p in self.model.parameters())
+        if zero == 3:  # fp32 dp shards (the masters), padded to ceil(rows / dp) rows; AdamW's states on the same rows
+            shard = fully_sharded_numel(self.model, dp)
+            self.params, self.grads, self.optimizer = 4 * shard, 4 * shard, 4 * ADAM_STATES * shard
+            self.persistent = self.params + self.optimizer  # the gradient shards live from backward to zero_grad
+            return
         if zero == 0:
             self.grads = local * b + (4 * local if b != 4 else 0)
             self.optimizer = 4 * ADAM_STATES * local + (4 * local if b != 4 else 0)

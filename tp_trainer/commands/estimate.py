@@ -7,7 +7,7 @@ built on the ``meta`` device from its config, sharded by the real planner, and o
 step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the kernels whose saved
 tensors count, those a run there uses (``tp_trainer/parallel/kernels.py``; ``cuda``: flash /
 memory-efficient SDPA and the stock norms; ``cpu``: tp_trainer's CPU attention and fused norms,
-or with ``--cpu-kernels off`` the stock ones). ``--compare`` adds one line per ZeRO stage for the same tp x dp.
+or with ``--cpu-kernels off`` the stock ones). ``--compare`` adds one line per ZeRO stage (0-3) for the same tp x dp; ``--zero 3`` is FSDP2 per block (``zero/fully_sharded.py``).
 ``--activation-checkpointing``: the Trainer's ``--activation_checkpointing`` (each decoder layer
 keeps only its input for backward and recomputes its forward there). ``--sequence-parallel``: the
 Trainer's ``--sequence_parallel`` (activations between the TP regions split along the sequence).
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model directory, config.json, or model type")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (world = tp x dp)")
-    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2], help="ZeRO stage over the dp group")
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over the dp group (3: FSDP2 per block)")
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="training dtype of the weights")
     parser.add_argument("--batch", type=int, default=1, help="per-device (per dp rank) micro-batch size")
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit", metavar="SIZE", help="per-GPU memory, e.g. 80GiB: print the longest sequence "
                         "(at --batch) and the largest micro-batch (at --seq) that fit it in this layout")
     parser.add_argument("--fit-step", type=int, default=256, help="granularity of --fit's sequence length (tokens)")
-    parser.add_argument("--compare", action="store_true", help="also print the peaks of ZeRO 0/1/2")
+    parser.add_argument("--compare", action="store_true", help="also print the peaks of ZeRO 0/1/2/3")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
 
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
             return _print_fit(fit_memory(config, budget, zero=args.zero, seq_step=args.fit_step, **layout), config,
                               as_json=args.json)
         est = estimate_memory(config, zero=args.zero, **layout)
-        others = [estimate_memory(config, zero=z, **layout) for z in (0, 1, 2) if args.compare and z != args.zero]
+        others = [estimate_memory(config, zero=z, **layout) for z in (0, 1, 2, 3) if args.compare and z != args.zero]
     except (ValueError, PlanError, OSError) as err:
         print(f"tp-trainer estimate: cannot estimate {args.model} at tp={args.tp}: {err}", file=sys.stderr)
         return 1

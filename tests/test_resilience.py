@@ -155,7 +155,7 @@ def full_weights(trainer):
 
 
 def train(out, layout, *, signal_at=None, resume_value="none"):
-    """One run of STEPS steps with the PreemptionCallback; ``signal_at=(step, signal, rank)`` sends ``signal``
+    """One run of STEPS steps of TPTrainer (which adds the PreemptionCallback); ``signal_at=(step, signal, rank)`` sends ``signal``
     to ``rank``'s own process as that step begins. Returns how it ended."""
     import logging
 
@@ -164,8 +164,6 @@ def train(out, layout, *, signal_at=None, resume_value="none"):
 
     from tp_trainer import TPTrainer, TPTrainingArguments
     from tp_trainer.app.resume import resume_point
-    from tp_trainer.preemption import PreemptionCallback
-
     class SignalAt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if signal_at and state.global_step + 1 == signal_at[0] and dist.get_rank() == signal_at[2]:
@@ -184,9 +182,8 @@ def train(out, layout, *, signal_at=None, resume_value="none"):
         output_dir=out, **layout, per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2,
         lr_scheduler_type="linear", warmup_steps=2, logging_steps=1, report_to=[], save_strategy="no", seed=0,
         use_cpu=True, disable_tqdm=True)
-    preemption = PreemptionCallback()
     trainer = TPTrainer(model=tiny_model("llama"), args=args, train_dataset=make_dataset(N_TRAIN, 3),
-                        callbacks=[preemption, SignalAt()])
+                        callbacks=[SignalAt()])  # TPTrainer adds the PreemptionCallback itself
     start = resume_point(resume_value, out)
     exit_code = None
     try:
@@ -400,11 +397,11 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     # between its SIGTERM (which a stopped process does not act on) and its SIGKILL, plus process exits
     assert ddp_timeout <= took < ddp_timeout + 1 + 5 + 30 + 15, took
     # rank 0 names the stopped rank and the operation, whichever collective it was waiting in: the TP
-    # all-reduce (shared memory) or one of the Trainer's own (the loss gather: the report's last line)
+    # all-reduce (shared memory), the preemption check or one of the Trainer's own (the report's last line)
     assert f"rank 1 (pid {stopped[0]}) is stopped (SIGSTOP or a debugger)" in log, log[-3000:]
     named = [line for line in log.splitlines() if f"rank 1 (pid {stopped[0]}) is stopped" in line][0]
     assert ("shared-memory all_reduce" in named or "shared-memory all_gather" in named
-            or "(torch.distributed), called from" in named), named
+            or "the preemption check's all_reduce" in named or "(torch.distributed), called from" in named), named
     assert f"{ddp_timeout} s" in named and "--ddp_timeout" in named, named
     assert time.monotonic() - start < 300
 

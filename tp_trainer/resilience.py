@@ -68,9 +68,10 @@ class PeerFailureReport(TrainerCallback):
 
     def report(self, err: BaseException) -> str | None:
         """The line for ``err``, or ``None`` when it is not a collective that lost a peer (or already says so)."""
-        if isinstance(err, PeerFailure) or isinstance(err.__cause__, PeerFailure):
-            return None
-        operation = failed_collective(err)
+        ours = err if isinstance(err, PeerFailure) else err.__cause__ if isinstance(err.__cause__, PeerFailure) else None
+        # our own collectives name the operation and the ranks; what only the identities can add is which peer
+        # is stopped or gone (and its pid)
+        operation = str(ours).split(" over ranks ")[0] if ours is not None else failed_collective(err)
         if operation is None or not self.identities:
             return None
         import torch.distributed as dist
@@ -82,6 +83,8 @@ class PeerFailureReport(TrainerCallback):
         elsewhere = sum(1 for h, _, _ in self.identities if h != host)
         if suspects:
             who = describe_peers(self.identities, suspects, me)
+        elif ours is not None:
+            return None  # every peer runs: the PeerFailure's own message says all there is
         else:
             who = "every other rank on this host is running"
         if elsewhere:

@@ -205,6 +205,7 @@ class TPTrainerMixin:
                 f"{args.gradient_accumulation_steps} = {gbs}\n"
                 f"  parameters on this rank: {local:,} of {self._full_param_count:,} "
                 f"({local / max(1, self._full_param_count):.1%})"
+                + (f"\n  {seq.summary()}" if (seq := getattr(self.model, "tp_sequence_plan", None)) else "")
                 + "".join(f"\n  WARNING: {w}" for w in self.tp_plan.warnings))
 
     @property

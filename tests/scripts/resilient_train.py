@@ -1,6 +1,6 @@
 """A training script with what ``tp-trainer train`` wires in for issue 21, driven by tests/test_resilience.py.
 
-Each worker: ``TPTrainer`` with ``tp_trainer.resilience.resilience_callbacks()``, the process groups'
+Each worker: ``TPTrainer`` (which adds ``tp_trainer.resilience.resilience_callbacks()`` and bounds the process groups'
 waits bounded by ``--ddp_timeout`` (``collectives.bound_waits``), and the start decided by
 ``tp_trainer.app.resume.resume_point`` (``--resume_from_checkpoint auto|PATH|none``); rank 0 prints
 ``START <decision>``, ``STEP <n>`` after every optimizer step, and at the end saves ``OUTPUT_DIR/final``
@@ -27,8 +27,6 @@ from transformers import HfArgumentParser, TrainerCallback  # noqa: E402
 from models import tiny_model  # noqa: E402
 from tp_trainer import TPTrainer, TPTrainingArguments  # noqa: E402
 from tp_trainer.app.resume import resume_point  # noqa: E402
-from tp_trainer.parallel.collectives import bound_waits  # noqa: E402
-from tp_trainer.resilience import resilience_callbacks  # noqa: E402
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 RANK = int(os.environ["RANK"])
@@ -75,9 +73,7 @@ def kill_while_saving(steps):
 (args,) = HfArgumentParser(TPTrainingArguments).parse_args_into_dataclasses()
 kill_while_saving([step for step, _, _, where in KILLS if where == "save"])
 trainer = TPTrainer(model=tiny_model("llama"), args=args, train_dataset=make_dataset(256),
-                    callbacks=[*resilience_callbacks(), Faults()])
-ctx = trainer.tp_context
-bound_waits(args.ddp_timeout, ctx.world_group, ctx.tp_group, ctx.dp_group)
+                    callbacks=[Faults()])  # TPTrainer adds resilience_callbacks() and bounds its groups' waits
 start = resume_point(args.resume_from_checkpoint, args.output_dir)
 if RANK == 0:
     print(f"START {start.message}", flush=True)

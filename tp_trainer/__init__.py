@@ -1,4 +1,4 @@
-"""tp_trainer: automatic tensor parallelism + ZeRO-1/2 data parallelism behind ``transformers.Trainer``."""
+"""tp_trainer: automatic tensor parallelism + ZeRO-1/2/3 data parallelism behind ``transformers.Trainer``."""
 
 __version__ = "0.1.0"
 

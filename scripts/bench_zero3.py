@@ -207,7 +207,7 @@ def _estimates(cfg, model_dir: str, dtype: str, theory: dict, persistent: int) -
                   cpu_kernels=cfg.cpu_kernels)
     out = {}
     try:
-        out["estimator"] = estimate_memory(config, zero=3, **kwargs).step_peak
+        out["estimator"] = estimate_memory(config, zero=3, **kwargs).peak  # persistent + step, as peak_live
     except ValueError as err:
         out["estimator_refused"] = str(err)
     activations = estimate_memory(config, zero=1, **kwargs).activations

@@ -1,4 +1,4 @@
-"""``TPTrainerMixin``: tensor parallelism and ZeRO-1/2 over the dp group for any ``transformers.Trainer`` subclass.
+"""``TPTrainerMixin``: tensor parallelism and ZeRO-1/2/3 over the dp group for any ``transformers.Trainer`` subclass.
 
 ``TPTrainer`` is the mixin on ``Trainer``; ``tp_trainer.trl``'s trainers are the mixin on TRL's. Put it
 first in the bases, with arguments that carry the layout (:class:`~.args.TPArgumentsMixin`)::
@@ -11,10 +11,14 @@ Only overrides live here; each delegates to a module that does the work:
 * ``create_accelerator_and_postprocess`` (the hook ``Trainer.__init__`` calls once ``self.model`` is
   set, before it moves or wraps the model; a subclass such as TRL's has prepared the model by then:
   PEFT applied): build the mesh (:mod:`.parallel.context`), plan and shard the model
-  (:mod:`.planner`), then build the Trainer's accelerator as a mesh-aware :class:`~.accelerator.TPAccelerator`
+  (:mod:`.planner`; a model from :func:`tp_trainer.from_pretrained` arrives sharded), bound every
+  mesh group's waits by ``--ddp_timeout``, shard the parameters over dp for ``zero_stage=3``
+  (:mod:`.zero.fully_sharded`: FSDP2), then build the Trainer's accelerator as a mesh-aware :class:`~.accelerator.TPAccelerator`
   (dp-sharded dataloaders, dp-only metric gathering, no DDP) from the arguments the Trainer chose for it
   (``_build_accelerator_args``);
-* ``create_optimizer``: wrap the Trainer's optimizer in :class:`~.zero.ShardedOptimizer`;
+* ``__init__``: add the preemption and lost-peer callbacks (:mod:`.resilience`);
+* ``create_optimizer``: wrap the Trainer's optimizer in :class:`~.zero.ShardedOptimizer` (stages 0-2) or
+  :class:`~.zero.FullyShardedOptimizer` (stage 3);
 * ``get_tp_size``: the Trainer divides token counts and the loss scale by it;
 * ``training_step``: the first step checks that a TP group received identical batches;
 * ``_track_num_input_tokens``: the Trainer sums token counts over all ranks, ``tp`` times too many;
@@ -40,11 +44,11 @@ from .checks import check_identical_across_tp
 from . import checkpoint as ckpt
 from .checkpoint import export
 from .loading import sharded_state
-from .parallel.collectives import bound_waits
-from .resilience import resilience_callbacks
 from .parallel.attention import use_cpu_attention
+from .parallel.collectives import bound_waits
 from .parallel.context import ParallelContext
 from .planner import Plan, apply_tensor_parallel, plan_tensor_parallel
+from .resilience import resilience_callbacks
 from .zero import ZERO_OPTIMIZERS, FullyShardedOptimizer, ShardedOptimizer, shard_parameters_over_dp
 
 logger = logging.get_logger(__name__)

@@ -20,7 +20,6 @@ The checkpoint interface is ``ShardedOptimizer``'s: a dp shard is the contiguous
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from ..parallel.collectives import all_reduce
 from ..parallel.context import ParallelContext
 from ..parallel.grads import counted_square_sum, needs_tp_grad_sum, norm_count_mask, sync_partial_tp_grad
 from .fully_sharded import dp_rows, tp_local_tensor
-from .optimizer import ELEMENTWISE_OPTIMIZERS
+from .optimizer import ELEMENTWISE_OPTIMIZERS, MasterOptimizer
 
 
 @dataclass
@@ -59,7 +58,7 @@ def _overlap_rows_aligned(spec) -> bool:
     return True
 
 
-class FullyShardedOptimizer(torch.optim.Optimizer):
+class FullyShardedOptimizer(MasterOptimizer):
     """ZeRO-3's optimizer: wraps an element-wise torch optimizer over :func:`shard_parameters_over_dp`'s
     parameters; the same interface as :class:`~tp_trainer.zero.ShardedOptimizer` (see the module docstring).
 
@@ -87,11 +86,7 @@ class FullyShardedOptimizer(torch.optim.Optimizer):
             hyper = {k: v for k, v in g.items() if k != "params"}
             masters = [self.shards[id(p)].master for p in g["params"] if p.requires_grad]
             master_groups.append({**hyper, "params": [m for m in masters if m.numel()]})
-        accepted = inspect.signature(type(template).__init__).parameters
-        self.inner = type(template)(master_groups, **{k: v for k, v in template.defaults.items() if k in accepted})
-        super().__init__([{"params": []}], dict(template.defaults))
-        self.param_groups = self.inner.param_groups  # one list: the LR scheduler edits what the inner uses
-        self.state = self.inner.state
+        self._adopt_inner(template, master_groups)
         self._synced = False
 
     def _shard(self, p) -> _Shard:
@@ -207,21 +202,11 @@ class FullyShardedOptimizer(torch.optim.Optimizer):
         self._synced = False
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
-
     def local_numel(self) -> dict[str, int]:
         """Element counts on this rank: trained parameter shards, fp32 master elements (the same: the shards
         are the masters), optimizer state."""
         shards = sum(s.master.numel() for s in self.shards.values())
-        state = sum(t.numel() for st in self.inner.state.values() for t in st.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
-        return {"params": shards, "master": shards, "optimizer_state": state}
+        return {"params": shards, "master": shards, "optimizer_state": self._state_numel()}
 
     # ----------------------------------------------------------------------------- checkpoint export/import
     # ShardedOptimizer's topology-independent interface (tp_trainer.checkpoint): state pieces addressed by

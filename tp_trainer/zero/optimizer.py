@@ -63,7 +63,36 @@ class _Bucket:
     ready: set = field(default_factory=set)
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class MasterOptimizer(torch.optim.Optimizer):
+    """What ZeRO's optimizer wrappers share: an inner optimizer of the template's class over fp32 master tensors.
+
+    The wrapper's ``param_groups`` and ``state`` *are* the inner optimizer's (one list: the LR scheduler edits
+    what the inner uses); ``state_dict``/``load_state_dict`` are the inner one's.
+    """
+
+    def _adopt_inner(self, template: torch.optim.Optimizer, master_groups: list[dict]) -> None:
+        accepted = inspect.signature(type(template).__init__).parameters
+        ctor_kwargs = {k: v for k, v in template.defaults.items() if k in accepted}
+        self.inner = type(template)(master_groups, **ctor_kwargs)
+        torch.optim.Optimizer.__init__(self, [{"params": []}], dict(template.defaults))
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def _state_numel(self) -> int:
+        """Elements of the inner optimizer's tensor state (0-dim entries such as Adam's ``step`` excluded)."""
+        return sum(t.numel() for s in self.inner.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+
+class ShardedOptimizer(MasterOptimizer):
     """Wraps an element-wise torch optimizer; see the module docstring.
 
     ``step`` finishes the gradient reduction (unless :meth:`clip_grad_norm` already did),
@@ -93,12 +122,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(groups):
             hyper = {k: v for k, v in g.items() if k != "params"}
             master_groups.append({**hyper, "params": [m for p, m in masters if group_of[id(p)] == i]})
-        accepted = inspect.signature(type(template).__init__).parameters
-        ctor_kwargs = {k: v for k, v in template.defaults.items() if k in accepted}
-        self.inner = type(template)(master_groups, **ctor_kwargs)
-        super().__init__([{"params": []}], dict(template.defaults))
-        self.param_groups = self.inner.param_groups  # one list: the LR scheduler edits what the inner uses
-        self.state = self.inner.state
+        self._adopt_inner(template, master_groups)
         self._synced = False
         self._hooks = []
         if stage == 2:
@@ -316,20 +340,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._synced = False
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
-
     def local_numel(self) -> dict[str, int]:
         """Element counts on this rank: model parameters, fp32 master elements, optimizer state."""
         master = sum(m.numel() for g in self.inner.param_groups for m in g["params"])
-        state = sum(t.numel() for s in self.inner.state.values() for t in s.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
-        return {"params": sum(p.numel() for p in self.params), "master": master, "optimizer_state": state}
+        return {"params": sum(p.numel() for p in self.params), "master": master,
+                "optimizer_state": self._state_numel()}
 
     # ----------------------------------------------------------------------------- checkpoint export/import
     # Topology-independent optimizer state (used by tp_trainer.checkpoint): every piece of state is

@@ -67,6 +67,15 @@ def _source_of(names: list[str], keymap: KeyMap) -> tuple[str, Source] | None:
     return next(((n, keymap.sources[n]) for n in names if n in keymap.sources), None)
 
 
+def _required_source(names: list[str], keymap: KeyMap, files: SafetensorsDir) -> tuple[str, Source]:
+    """``_source_of`` for a tensor that must have one by now (``check_sources`` and ``compute_buffers`` ran)."""
+    found = _source_of(names, keymap)
+    if found is None:
+        raise LoadError(f"{' = '.join(names)} has no source in {files.path} and no value (an internal error: "
+                        "check_sources and compute_buffers run first)")
+    return found
+
+
 def check_sources(model: nn.Module, keymap: KeyMap, files: SafetensorsDir) -> list[str]:
     """Raise :class:`LoadError` if a parameter has no source or one of another shape; returns the names of the
     persistent buffers the checkpoint lacks (they are initialised as ``from_pretrained`` does)."""
@@ -188,11 +197,7 @@ def materialize(model: nn.Module, keymap: KeyMap, files: SafetensorsDir, *, devi
         if not t.is_meta:
             held += t.numel() * t.element_size()
             continue
-        found = _source_of(names, keymap)
-        if found is None:
-            raise LoadError(f"{' = '.join(names)} has no source in {files.path} and no value (an internal error: "
-                            "check_sources and compute_buffers run first)")
-        name, src = found
+        name, src = _required_source(names, keymap, files)
         spec = getattr(t, "tp_spec", None)
         full_shape = tuple(spec.full_shape) if spec is not None else tuple(t.shape)
         value = read_local(files, src, spec, full_shape, dtypes.get(name, t.dtype), device)
@@ -266,11 +271,7 @@ def materialize_dp_sharded(model: nn.Module, keymap: KeyMap, files: SafetensorsD
         if id(t) in done:  # tied: one tensor under several names
             continue
         done.add(id(t))
-        found = _source_of(names, keymap)
-        if found is None:
-            raise LoadError(f"{' = '.join(names)} has no source in {files.path} and no value (an internal error: "
-                            "check_sources and compute_buffers run first)")
-        name, src = found
+        name, src = _required_source(names, keymap, files)
         spec = getattr(t, "tp_spec", None)
         full_shape = tuple(spec.full_shape) if spec is not None else tuple(src.shape)
         dtype = dtypes.get(name, t.dtype)

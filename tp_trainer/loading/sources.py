@@ -42,8 +42,21 @@ class Leaf:
         return [self.key]
 
 
+class _Combined:
+    """A source made of several of the same dtype (``items``): their dtype, and every checkpoint key they read."""
+
+    items: tuple
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.items[0].dtype
+
+    def keys(self) -> list[str]:
+        return [k for item in self.items for k in item.keys()]
+
+
 @dataclass(frozen=True)
-class Stack:
+class Stack(_Combined):
     dim: int
     items: tuple[Source, ...]
 
@@ -52,16 +65,9 @@ class Stack:
         inner = list(self.items[0].shape)
         return tuple(inner[:self.dim] + [len(self.items)] + inner[self.dim:])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.items[0].dtype
-
-    def keys(self) -> list[str]:
-        return [k for item in self.items for k in item.keys()]
-
 
 @dataclass(frozen=True)
-class Cat:
+class Cat(_Combined):
     dim: int
     items: tuple[Source, ...]
 
@@ -70,13 +76,6 @@ class Cat:
         shape = list(self.items[0].shape)
         shape[self.dim] = sum(item.shape[self.dim] for item in self.items)
         return tuple(shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.items[0].dtype
-
-    def keys(self) -> list[str]:
-        return [k for item in self.items for k in item.keys()]
 
 
 @dataclass(frozen=True)

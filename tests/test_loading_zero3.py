@@ -25,6 +25,7 @@ import torch
 import transformers as T
 from distributed import run_distributed
 from models import MOE_FAMILIES, tiny_model
+from test_loading import _counting_reads
 
 from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
 from tp_trainer.loading import LoadError, from_pretrained, sharded_state
@@ -55,18 +56,6 @@ def _checkpoints(root) -> list[tuple[str, str]]:
     torch.manual_seed(0)
     save("mixtral", T.AutoModelForCausalLM.from_config(MOE_FAMILIES["mixtral"]()))
     return out
-
-
-def _counting_reads():
-    counter = {"bytes": 0}
-    original = SafetensorsDir.read
-
-    def read(self, key, box=None):
-        out = original(self, key, box)
-        counter["bytes"] += out.numel() * out.element_size()
-        return out
-    SafetensorsDir.read = read
-    return counter
 
 
 def _compare(loaded, full, ctx) -> list[str]:

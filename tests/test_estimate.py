@@ -30,6 +30,7 @@ ZeRO-3 (FSDP2 + ``FullyShardedOptimizer``) runs in a tp=2 x dp=2 world of its ow
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -258,8 +259,9 @@ def test_fit_finds_the_longest_sequence_and_largest_batch_under_a_budget(tmp_pat
 
 # ------------------------------------------------------------------- activations per layer: the closed forms
 # A Llama-shaped and a GPT-2 layer (GELU-tanh MLP, dropout masks on the residual branches, flash attention:
-# attn_pdrop 0) large enough that no term is rounding; 16-bit; the stock kernels (--cpu_kernels off), i.e. the
-# ones the closed forms count: SDPA (CPU flash) and Hugging Face's own norms.
+# attn_pdrop 0) large enough that no term is rounding; 16-bit; without the CPU kernels (--cpu_kernels off), i.e.
+# SDPA (CPU flash), the closed forms' attention; the Llama layer with the lean activations (the default: lean
+# RMSNorm and gated MLP) and without them (TP_TRAINER_LEAN_ACTIVATIONS=0: Hugging Face's own modules).
 THEORY_MODELS = {
     "llama": lambda: T.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
                                    num_key_value_heads=4, vocab_size=512),
@@ -267,16 +269,22 @@ THEORY_MODELS = {
                                  activation_function="gelu_pytorch_tanh"),
 }
 THEORY_SEQ, THEORY_BATCH = 256, 2
-THEORY_CASES = [(name, tp, sp) for name in THEORY_MODELS for tp in (2, 4) for sp in (False, True)]
+THEORY_CASES = [(name, tp, sp, lean) for name in THEORY_MODELS for tp in (2, 4) for sp in (False, True)
+                for lean in ((True, False) if name == "llama" else (True,))]
 
 
-def _saved_bytes_of_a_layer(name: str, tp: int, sp: bool) -> int:
+def _saved_bytes_of_a_layer(name: str, tp: int, sp: bool, lean: bool) -> int:
     """Bytes one decoder layer saves for backward on this rank: every distinct storage autograd packs while the
     middle layer runs forward (the first one also packs the rotary tables all layers share), parameters aside."""
     from tp_trainer.parallel.context import ParallelContext
     from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
 
-    ctx = ParallelContext.from_environment(tp, cpu_kernels="off")
+    os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = "1" if lean else "0"
+    try:
+        ctx = ParallelContext.from_environment(tp, cpu_kernels="off")
+    finally:
+        del os.environ["TP_TRAINER_LEAN_ACTIVATIONS"]
+    assert ctx.kernels.lean_activations is lean
     cfg = THEORY_MODELS[name]()
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -312,7 +320,7 @@ def saved_per_layer():
     return run_distributed(_theory_world, 4)
 
 
-@pytest.mark.parametrize("case", THEORY_CASES, ids=["{}-tp{}-sp{}".format(*c) for c in THEORY_CASES])
+@pytest.mark.parametrize("case", THEORY_CASES, ids=["{}-tp{}-sp{}-lean{}".format(*c) for c in THEORY_CASES])
 @pytest.mark.cpu_only(reason="the closed forms' CPU variant: 16-bit dropout masks and LayerNorm statistics")
 def test_activations_per_layer_are_the_closed_form(saved_per_layer, case):
     """Korthikanti et al.'s count (GPT) and the same count for a Llama-shaped layer (memory_theory.py) against
@@ -320,13 +328,15 @@ def test_activations_per_layer_are_the_closed_form(saved_per_layer, case):
     keeps and was measured equal to the byte, so a drift means the modeling code or a kernel changed."""
     from tp_trainer.memory_theory import layer_activation_bytes
 
-    name, tp, sp = case
+    name, tp, sp, lean = case
     want = layer_activation_bytes(THEORY_MODELS[name](), seq=THEORY_SEQ, batch=THEORY_BATCH, tp=tp,
-                                  sequence_parallel=sp, device="cpu")
+                                  sequence_parallel=sp, device="cpu", lean=lean)
     for rank in saved_per_layer:
         assert abs(rank[case] / want - 1) <= 0.10, f"{case}: measured {rank[case]} bytes, the closed form {want}"
     if sp:  # sequence parallelism keeps a tp-th of what the layer keeps whole without it
-        assert saved_per_layer[0][case] < saved_per_layer[0][(name, tp, False)]
+        assert saved_per_layer[0][case] < saved_per_layer[0][(name, tp, False, lean)]
+    if not lean:  # the lean modules keep less than Hugging Face's own
+        assert saved_per_layer[0][(name, tp, sp, True)] < saved_per_layer[0][case]
 
 
 # ------------------------------------------------------------------- ZeRO-3 (FSDP2 per unit) against live ranks

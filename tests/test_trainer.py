@@ -183,10 +183,10 @@ def test_startup_summary_names_the_kernels_in_one_line(two_ranks):
     lines = {name: two_ranks[0][name]["summary"].splitlines()[1]
              for name in ("tp2", "tp2_zero1_bf16_weights", "tp2_cpu_kernels_off")}
     # fp32 norms are not split over tokens; bf16 ones are
-    assert lines["tp2"] == "  kernels: shm all-reduce, cpu attention, fused rmsnorm, malloc tuning"
+    assert lines["tp2"] == "  kernels: shm all-reduce, cpu attention, malloc tuning; lean activations"
     assert lines["tp2_zero1_bf16_weights"] == ("  kernels: shm all-reduce, cpu attention, token-split norms (bf16), "
-                                               "fused rmsnorm, malloc tuning")
-    assert lines["tp2_cpu_kernels_off"] == "  kernels: none (cpu_kernels=off)"
+                                               "malloc tuning; lean activations")
+    assert lines["tp2_cpu_kernels_off"] == "  kernels: none (cpu_kernels=off); lean activations"
     assert "shared-memory" not in two_ranks[0]["tp2_cpu_kernels_off"]["summary"]
 
 

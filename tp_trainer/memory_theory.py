@@ -27,16 +27,19 @@ tests/test_estimate.py):
 
 * each RMSNorm (two per layer) computes in fp32: it keeps ``x`` in fp32 (``4 h``), ``1/rms`` (``4``)
   and the normalised ``x`` in 16-bit for its weight's gradient (``2 h``): ``6 h + 4`` per token;
-  tp_trainer's fused RMSNorm (CPU runs) keeps the fp32 normalised ``x`` and ``1/rms``: ``4 h + 4``;
+  tp_trainer's lean RMSNorm (``lean``, the default: ``parallel/rmsnorm.py``) keeps its 16-bit input and
+  ``1/rms``: ``2 h + 4``;
 * attention: the q/k/v input (``2 h``), Q after the rotary embedding (``2 h / t``), K and V at the
   KV heads (``4 k d / t``; SDPA's ``enable_gqa`` repeats nothing; a KV cache holds these same
   tensors, the rotary embedding made them new ones anyway), the output (``2 h / t``: the
   flash kernel's output, whose memory is the o_proj input too) and the log-sum-exp (``4 a / t``);
 * MLP: its input (``2 h``), the gate and up outputs, SiLU's output and the product that ``down_proj``
-  reads (``4 x 2 I / t``).
+  reads (``4 x 2 I / t``); the lean gated MLP (``parallel/glu.py``, at tp > 1) only the gate and up
+  outputs (``2 x 2 I / t``).
 
     without sequence parallelism:  s b (16 h + 8) + s b (4 h + 4 k d + 4 a + 8 I) / t
     with it:                        s b (20 h + 4 k d + 4 a + 8 I + 8) / t
+    lean, without / with it:        s b (8 h + 8) + s b (4 h + 4 k d + 4 a + 4 I) / t,   s b (12 h + 4 k d + 4 a + 4 I + 8) / t
 
 With sequence parallelism the column-parallel layers keep their chunk of the input (and all-gather
 it again in backward), so nothing of ``s b h`` stays whole. With activation checkpointing a layer
@@ -95,12 +98,14 @@ def gpt_layer_bytes(*, seq: int, batch: int, hidden: int, heads: int, tp: int, s
 
 
 def llama_layer_bytes(*, seq: int, batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                      intermediate: int, tp: int, sequence_parallel: bool, fused_norm: bool = False) -> int:
-    """The count for one Llama-shaped layer with SDPA attention (module docstring), 16-bit activations."""
+                      intermediate: int, tp: int, sequence_parallel: bool, lean: bool = False) -> int:
+    """The count for one Llama-shaped layer with SDPA attention (module docstring), 16-bit activations;
+    ``lean``: tp_trainer's lean RMSNorm, and at tp > 1 its lean gated MLP (``Kernels.lean_activations``)."""
     s, b, h, t = seq, batch, hidden, tp
-    norm = (4 * h + 4) if fused_norm else (6 * h + 4)
+    norm = (2 * h + 4) if lean else (6 * h + 4)
+    mlp = 4 * intermediate if lean and tp > 1 else 8 * intermediate
     replicated = s * b * (2 * norm + 2 * h + 2 * h)  # two norms, the q/k/v input, the MLP input
-    split = s * b * (2 * h + 4 * kv_heads * head_dim + 2 * h + 4 * heads + 8 * intermediate)
+    split = s * b * (2 * h + 4 * kv_heads * head_dim + 2 * h + 4 * heads + mlp)
     return (replicated + split) // t if sequence_parallel else replicated + split // t
 
 
@@ -111,10 +116,11 @@ def checkpointed_layer_bytes(*, seq: int, batch: int, hidden: int, tp: int, sequ
 
 
 def layer_activation_bytes(config, *, seq: int, batch: int, tp: int, sequence_parallel: bool,
-                           device: str = "cuda", fused_norm: bool = False) -> int:
+                           device: str = "cuda", lean: bool = True) -> int:
     """The closed-form activation bytes of one layer of ``config`` (GPT- or Llama-shaped), 16-bit, flash /
     SDPA attention; ``device`` sets what differs between CUDA and CPU kernels (dropout masks, LayerNorm
-    statistics)."""
+    statistics); ``lean``: ``Kernels.lean_activations`` (on unless turned off), which changes Llama's count.
+    """
     shape = LayerShape.of(config)
     common = dict(seq=seq, batch=batch, hidden=shape.hidden, heads=shape.heads, tp=tp,
                   sequence_parallel=sequence_parallel)
@@ -124,4 +130,4 @@ def layer_activation_bytes(config, *, seq: int, batch: int, tp: int, sequence_pa
         return gpt_layer_bytes(**common, intermediate=shape.intermediate, mask_bytes=(2 if cpu else 1) if drop else 0,
                                stat_bytes=2 if cpu else 4, kv_cache=bool(getattr(config, "use_cache", True)))
     return llama_layer_bytes(**common, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                             intermediate=shape.intermediate, fused_norm=fused_norm)
+                             intermediate=shape.intermediate, lean=lean)

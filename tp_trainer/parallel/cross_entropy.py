@@ -25,6 +25,7 @@ import torch.nn as nn
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaskedLMLoss
 
 from .collectives import all_gather_rows
+from .linear_cross_entropy import HeadInput, linear_vocab_parallel_cross_entropy, uses_fused_path
 
 
 SOFTMAX_CHUNK_BYTES = 2**24  # the fp32 copy of a 16-bit input the softmax makes off CUDA, per chunk of rows
@@ -89,11 +90,19 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits, target, *, vocab_start: int, vocab_valid: int, group,
-                                 ignore_index: int = -100, num_items_in_batch=None) -> torch.Tensor:
+                                 ignore_index: int = -100, num_items_in_batch=None,
+                                 head_input: HeadInput | None = None) -> torch.Tensor:
     """Token-level cross entropy of ``[N, V_local]`` logits, reduced like HF's ``fixed_cross_entropy``:
-    sum / ``num_items_in_batch`` when given, else mean over non-ignored tokens."""
+    sum / ``num_items_in_batch`` when given, else mean over non-ignored tokens. With the head's
+    ``head_input`` (logits straight from :class:`ParallelLMHead`) and enough tokens the head and the loss
+    run as one function that keeps no softmax (``linear_cross_entropy.py``)."""
     valid = target != ignore_index
-    per_token = _VocabParallelCE.apply(logits, target.masked_fill(~valid, 0), vocab_start, vocab_valid, group)
+    target = target.masked_fill(~valid, 0)
+    if uses_fused_path(head_input, logits.shape[0]):
+        per_token = linear_vocab_parallel_cross_entropy(logits, head_input, target, vocab_start=vocab_start,
+                                                        vocab_valid=vocab_valid, group=group)
+    else:
+        per_token = _VocabParallelCE.apply(logits, target, vocab_start, vocab_valid, group)
     total = (per_token * valid).sum()
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
@@ -118,6 +127,7 @@ class VocabParallelCausalLMLoss:
     def __call__(self, logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
                  shift_labels=None, **kwargs):
         head = self.lm_head
+        head_input = getattr(logits, "_tp_head_input", None)  # set by the head on the very tensor it returned
         if logits.shape[-1] != head.local_vocab or head.tp_group is None:
             if self.shift:
                 return self.fallback(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
@@ -133,7 +143,7 @@ class VocabParallelCausalLMLoss:
         return vocab_parallel_cross_entropy(
             logits.reshape(-1, logits.shape[-1]), shift_labels, vocab_start=head.vocab_start,
             vocab_valid=head.vocab_valid, group=head.tp_group, ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, head_input=head_input)
 
 
 class VocabParallelMaskedLMLoss(VocabParallelCausalLMLoss):

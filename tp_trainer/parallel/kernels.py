@@ -14,15 +14,20 @@ choice                   on when                         module
                                                          batched GEMMs over row blocks
 ``token_split_norms``    CPU, gloo, with the shm         ``norms.py``: 16-bit replicated norms on
                          transport                       ``1/tp`` of the tokens per rank
-``fused_rmsnorm``        CPU                             ``rmsnorm.py``: closed-form RMSNorm backward
 ``malloc_tuning``        CPU                             ``host.py``: freed activations stay in the heap
+``lean_activations``     every device, also with         ``rmsnorm.py``, ``glu.py``: RMSNorms and GLU
+                         ``cpu_kernels="off"``           MLPs keep fewer tensors for backward
 =======================  ==============================  ==========================================
 
-``cpu_kernels="off"`` turns all of them off: the run uses the stock modules and gloo's own
+``cpu_kernels="off"`` turns the CPU choices off: the run uses the stock modules and gloo's own
 collectives (the fallback, and the way to rule them out when something looks wrong). The
-environment overrides ``TP_TRAINER_SHM_ALLREDUCE=0``, ``TP_TRAINER_CPU_ATTENTION=0`` and
-``TP_TRAINER_CPU_MALLOC=0`` turn one choice off each (the shared-memory one takes the
-token-split norms with it); they are read here and nowhere else.
+environment overrides ``TP_TRAINER_SHM_ALLREDUCE=0``, ``TP_TRAINER_CPU_ATTENTION=0``,
+``TP_TRAINER_CPU_MALLOC=0`` and ``TP_TRAINER_LEAN_ACTIVATIONS=0`` turn one choice off each (the
+shared-memory one takes the token-split norms with it); they are read here and nowhere else.
+
+``lean_activations`` is not a CPU kernel but a memory choice: the same forward values (each module is
+checked bit for bit before it is changed), fewer saved activations, a few elementwise passes
+recomputed in backward; what it keeps per token is in ``tp_trainer/memory_theory.py``.
 
 :class:`~tp_trainer.parallel.context.ParallelContext` computes the decision once, then records
 what the machine granted: the shared-memory transport needs every TP rank on one x86-64 host
@@ -41,10 +46,10 @@ CPU_KERNELS_CHOICES = ("auto", "off")
 # environment variable -> the choices it turns off when set to "0"
 ENV_OVERRIDES = {"TP_TRAINER_SHM_ALLREDUCE": ("shm_all_reduce", "token_split_norms"),
                  "TP_TRAINER_CPU_ATTENTION": ("cpu_attention",),
-                 "TP_TRAINER_CPU_MALLOC": ("malloc_tuning",)}
+                 "TP_TRAINER_CPU_MALLOC": ("malloc_tuning",),
+                 "TP_TRAINER_LEAN_ACTIVATIONS": ("lean_activations",)}
 _LABELS = {"shm_all_reduce": "shm all-reduce", "cpu_attention": "cpu attention",
-           "token_split_norms": "token-split norms", "fused_rmsnorm": "fused rmsnorm",
-           "malloc_tuning": "malloc tuning"}
+           "token_split_norms": "token-split norms", "malloc_tuning": "malloc tuning"}
 _SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -55,8 +60,8 @@ class Kernels:
     shm_all_reduce: bool = False     # TP all-reduce / all-gather through shared memory
     cpu_attention: bool = False      # causal self-attention by CPU row blocks
     token_split_norms: bool = False  # 16-bit replicated norms on 1/tp of the tokens (needs shm_all_reduce)
-    fused_rmsnorm: bool = False      # Llama-style RMSNorms with the closed-form backward
     malloc_tuning: bool = False      # glibc keeps freed activation memory in the heap
+    lean_activations: bool = True    # RMSNorms and GLU MLPs keep fewer tensors for backward (any device)
     cpu_kernels: str = "auto"        # the user's flag this came from
     device_type: str = "cpu"         # the device it was decided for
 
@@ -78,8 +83,13 @@ class Kernels:
         return self.token_split_norms and torch.empty((), dtype=dtype).element_size() == 2
 
     def describe(self, dtype: torch.dtype | None = None) -> str:
-        """One line: ``kernels: shm all-reduce, cpu attention, ...`` or ``kernels: none (...)``. With the
-        model's ``dtype`` the token-split norms are named only where they apply (16-bit)."""
+        """One line: ``kernels: shm all-reduce, cpu attention, ...`` or ``kernels: none (...)``, then
+        ``; lean activations`` where they are on. With the model's ``dtype`` the token-split norms are
+        named only where they apply (16-bit)."""
+        lean = "; lean activations" if self.lean_activations else ""
+        return self._describe_cpu(dtype) + lean
+
+    def _describe_cpu(self, dtype: torch.dtype | None) -> str:
         names = []
         for f in fields(self):
             if f.name not in _LABELS or not getattr(self, f.name):
@@ -115,12 +125,13 @@ def choose_kernels(device: str | torch.device, backend: str, cpu_kernels: str = 
     ``os.environ``) supplies the ``TP_TRAINER_*=0`` overrides."""
     check_cpu_kernels(cpu_kernels)
     device_type = torch.device(device).type
-    if cpu_kernels == "off" or device_type not in ("cpu", "meta"):
-        return Kernels(cpu_kernels=cpu_kernels, device_type=device_type)
-    gloo = backend == "gloo"
-    choices = {"shm_all_reduce": gloo, "cpu_attention": True, "token_split_norms": gloo, "fused_rmsnorm": True,
-               "malloc_tuning": True}
     environ = os.environ if environ is None else environ
+    if cpu_kernels == "off" or device_type not in ("cpu", "meta"):
+        choices = {"lean_activations": True}
+    else:
+        gloo = backend == "gloo"
+        choices = {"shm_all_reduce": gloo, "cpu_attention": True, "token_split_norms": gloo, "malloc_tuning": True,
+                   "lean_activations": True}
     for variable, turned_off in ENV_OVERRIDES.items():
         if environ.get(variable, "1") == "0":
             choices.update(dict.fromkeys(turned_off, False))

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear_cross_entropy import HeadInput
 from .mappings import copy_to_tp_region_once, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
 from .sharding import ShardSpec
 
@@ -75,15 +76,20 @@ class ColumnParallelLinear(nn.Module):
         gradient is wanted (``no_grad``, an input that does not require it): it would only communicate.
         An input all-gathered along the sequence (``sequence.py``) brings its own linear: it keeps only this
         rank's chunk for backward, and the gather's reduce-scatter takes the place of ``f``."""
-        gathered = getattr(x, "_tp_sequence_gathered", None)
+        x, gathered = self._mapped_input(x)
         if gathered is not None:
             return gathered.linear(x, self.weight, self.bias, transposed=self.transposed)
-        if self.copy_input and torch.is_grad_enabled() and x.requires_grad:
-            x = copy_to_tp_region_once(x, self.tp_group)
         if self.transposed:
             y = x @ self.weight
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
+
+    def _mapped_input(self, x: torch.Tensor):
+        """``(f(x), None)``, or ``(x, its Regather)`` for an input all-gathered along the sequence."""
+        gathered = getattr(x, "_tp_sequence_gathered", None)
+        if gathered is None and self.copy_input and torch.is_grad_enabled() and x.requires_grad:
+            x = copy_to_tp_region_once(x, self.tp_group)
+        return x, gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_forward(x)
@@ -233,8 +239,18 @@ class ParallelLMHead(ColumnParallelLinear):
         return self.weight.tp_spec.local_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.local_forward(x)
         if self.training and torch.is_grad_enabled() and not self.gather_output:  # gather_output: planner/apply.py
-            return y
-        full = gather_from_tp_region(y, self.tp_group)
+            return self._marked_local_logits(x)
+        full = gather_from_tp_region(self.local_forward(x), self.tp_group)
         return full[..., : self.out_features] if full.shape[-1] != self.out_features else full
+
+    def _marked_local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The local logits, marked with what the linear multiplied (``logits._tp_head_input``) so that the
+        loss can recompute them in backward instead of keeping a softmax (``linear_cross_entropy.py``)."""
+        y = self.local_forward(x)
+        if self.transposed or self.tp_group is None or torch.compiler.is_compiling():
+            return y
+        mapped, gathered = self._mapped_input(x)  # f(x) is memoised on x: the node local_forward used
+        local = gathered._local() if gathered is not None else None
+        y._tp_head_input = HeadInput(mapped, self.weight, self.bias, x_local=local, regather=gathered)
+        return y

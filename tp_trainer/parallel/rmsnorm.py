@@ -1,16 +1,18 @@
-"""A fused autograd function for the replicated Llama-style RMSNorms (their backward is the hot part).
+"""One autograd function for the Llama-style RMSNorms: less kept for backward, fewer passes in it.
 
-Every TP rank computes the replicated norms of the residual stream in full (or on ``1/tp``
-of the tokens, ``norms.py``). Hugging Face's ``LlamaRMSNorm`` and its copies are written as
-five tensor ops, and autograd differentiates each one: ``pow``'s backward alone allocates and
-multiplies three ``[N, H]`` temporaries. Written as one function with the closed-form gradient
+Hugging Face's ``LlamaRMSNorm`` and its copies are written as five tensor ops, and autograd
+differentiates each one: it keeps the fp32 copy of ``x`` (``4 h`` bytes per token), ``1/rms`` and
+the 16-bit normalised ``x`` (``2 h``), and ``pow``'s backward alone allocates and multiplies three
+``[N, H]`` temporaries. Written as one function with the closed-form gradient
 
     forward:  r = rsqrt(mean(x^2) + eps)   (per row, fp32),   xn = x r,   y = w * xn.to(dtype(x))
-    backward: dw = sum over rows of dy * xn.to(dtype(x))
+    backward: xn = x r (recomputed from the kept x),   dw = sum over rows of dy * xn.to(dtype(x))
               gx = (dy * w) in fp32,      dx = r (gx - xn mean(gx xn))
 
-it saves ``xn`` and ``r`` (less than autograd keeps) and makes 6 passes over ``[N, H]`` in
-backward instead of about 12. (Measured: docs/benchmarks.md, "Kernel measurements".)
+it keeps only its input ``x`` in its own dtype (``2 h`` bytes per token in 16-bit) and ``r`` (4
+bytes), a third of what autograd keeps, and makes 7 passes over ``[N, H]`` in backward instead of
+about 12 (``Kernels.lean_activations``, on every device). (Measured: docs/benchmarks.md, "Kernel
+measurements" and "Sequence parallelism".)
 
 No communication; the forward is the same op sequence as Hugging Face's, so outputs are
 bit-identical; gradients differ by rounding (relative 1e-7 in fp32). A module is only fused
@@ -34,21 +36,20 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         xf = x.to(torch.float32)
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xn = xf * r
-        ctx.save_for_backward(xn, r, weight)
-        ctx.x_dtype = x.dtype
-        return weight * xn.to(x.dtype)
+        ctx.save_for_backward(x, r, weight)
+        return weight * (xf * r).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xn, r, weight = ctx.saved_tensors
+        x, r, weight = ctx.saved_tensors
+        xn = x.to(torch.float32) * r  # as in forward, bit for bit
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (dy * xn.to(ctx.x_dtype)).reshape(-1, dy.shape[-1]).sum(0)
+            dw = (dy * xn.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0)
         dx = None
         if ctx.needs_input_grad[0]:
             gx = (dy * weight).to(torch.float32)
-            dx = (gx - xn * (gx * xn).mean(-1, keepdim=True)).mul_(r).to(ctx.x_dtype)
+            dx = (gx - xn * (gx * xn).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
         return dx, dw, None
 
 

@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..parallel.context import ParallelContext
 from ..parallel.cross_entropy import install_vocab_parallel_loss
+from ..parallel.glu import lean_glu_mlp
 from ..parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                sharded_parameter)
 from ..parallel.lora import peft_base_model
@@ -64,9 +65,9 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
                           split_norms: bool | None = None, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` in place following ``plan`` on ``context.tp_comm``; returns ``model``.
 
-    The kernels come from ``context.kernels`` (``parallel/kernels.py``): the replicated RMSNorms get
-    the fused backward (``parallel/rmsnorm.py``) where ``fused_rmsnorm``, also at tp=1, where nothing
-    is sharded; the replicated per-token norms run on ``1/tp`` of the tokens per rank
+    The kernels come from ``context.kernels`` (``parallel/kernels.py``): with ``lean_activations`` the
+    replicated RMSNorms get the lean fused function (``parallel/rmsnorm.py``), also at tp=1, where nothing
+    is sharded, and the split gated MLPs the lean down projection (``parallel/glu.py``); the replicated per-token norms run on ``1/tp`` of the tokens per rank
     (``parallel/norms.py``) where ``token_split_norms`` and the norms are 16-bit
     (``Kernels.splits_norms``). ``split_norms`` overrides the dtype rule (tests, plan validation);
     without the shared-memory transport the norms are never split.
@@ -80,7 +81,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     modules = dict(model.named_modules())
     kernels = context.kernels
     if context.tp_size == 1:  # nothing to shard; the fused norms are a speed-up of their own (ZeRO-only runs)
-        if kernels.fused_rmsnorm:
+        if kernels.lean_activations:
             _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model
     seq_plan = plan_sequence_parallel(model, plan) if sequence_parallel else None
@@ -159,8 +160,10 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
     if lm_head is not None:  # the model's loss_function -> vocab-parallel (causal or masked, cross_entropy.py)
         install_vocab_parallel_loss(root, lm_head)
     replicated_norms = _replicated_token_norms(plan, modules)
-    if kernels.fused_rmsnorm:
+    if kernels.lean_activations:
         _fuse_rms_norms(modules, replicated_norms)
+        lean = [name for name, mod in model.named_modules() if lean_glu_mlp(mod)]
+        logger.debug(f"{len(lean)} gated MLPs given the lean down projection (parallel/glu.py): {lean}")
     if kernels.token_split_norms and seq_plan is None:  # cheap all-gathers: split the replicated norms' tokens
         if split_norms is None:
             split_norms = kernels.splits_norms(_norms_dtype([modules[name] for name in replicated_norms], model))
@@ -178,9 +181,9 @@ _LINEAR_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWW
 
 
 def _fuse_rms_norms(modules: dict, names: list[str]) -> None:
-    """Give the named (replicated, per-token) norms the fused RMSNorm backward where it reproduces them."""
+    """Give the named (replicated, per-token) norms the lean RMSNorm function where it reproduces them."""
     fused = [name for name in names if fuse_rms_norm(modules[name])]
-    logger.debug(f"{len(fused)} replicated RMSNorms given the fused backward (parallel/rmsnorm.py): {fused}")
+    logger.debug(f"{len(fused)} replicated RMSNorms given the lean function (parallel/rmsnorm.py): {fused}")
 
 
 def _replicated_token_norms(plan: Plan, modules: dict) -> list[str]:

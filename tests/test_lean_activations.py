@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -45,14 +46,28 @@ def _node_names(loss: torch.Tensor) -> set[str]:
     return names
 
 
+@contextlib.contextmanager
+def _lean_activations(on: bool):
+    """``TP_TRAINER_LEAN_ACTIVATIONS`` for the contexts made inside (kernels.py reads it once per context)."""
+    before = os.environ.get("TP_TRAINER_LEAN_ACTIVATIONS")
+    os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TP_TRAINER_LEAN_ACTIVATIONS"]
+        else:
+            os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = before
+
+
 def _one_step(name: str, *, sp: bool = False, block_rows: int | None = None, lean: bool = True):
     """Loss, full gradients and what ran, for one forward/backward of ``name`` at tp=2."""
     from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
     from tp_trainer.parallel import linear_cross_entropy
     from tp_trainer.parallel.gather import iter_full_state
 
-    os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = "1" if lean else "0"
-    ctx = ParallelContext.from_environment(2)
+    with _lean_activations(lean):
+        ctx = ParallelContext.from_environment(2)
     model = tiny_model(name)
     apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx, sequence_parallel=sp)
     ids = torch.randint(3, 96, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -101,6 +116,7 @@ def _world():
         for sp in (False, True):
             out[("head", name, sp)] = {"unfused": _one_step(name, sp=sp), "fused": _one_step(name, sp=sp, block_rows=7)}
     out[("head", "gemma2", False)] = {"unfused": _one_step("gemma2"), "fused": _one_step("gemma2", block_rows=7)}
+    out[("head", "llama", "lean off")] = _one_step("llama", block_rows=7, lean=False)
     for name in ("llama", "gemma", "phi3"):
         out[("lean", name)] = {"on": _one_step(name), "off": _one_step(name, lean=False)}
     out["peak"] = {"unfused": _peak(block_rows=None), "fused": _peak(block_rows=256)}
@@ -125,6 +141,10 @@ def test_fused_head_and_loss_match_the_unfused_loss(ranks, name, sp):
         assert case["fused"]["fused"] and not case["unfused"]["fused"], "the forced blocks must take the fused path"
         assert case["fused"]["loss"] == pytest.approx(case["unfused"]["loss"], abs=LOSS_TOL)
         assert _max_diff(case["fused"]["grads"], case["unfused"]["grads"]) <= GRAD_TOL
+
+
+def test_lean_activations_off_keeps_the_unfused_loss(ranks):
+    assert not any(rank[("head", "llama", "lean off")]["fused"] for rank in ranks)
 
 
 def test_a_model_that_transforms_its_logits_keeps_the_unfused_loss(ranks):

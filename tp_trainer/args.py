@@ -44,7 +44,7 @@ class TPArgumentsMixin:
         "help": "save_model writes 16-bit weights (bf16 unless the model is fp16). Default: when training in bf16/fp16."})
     cpu_kernels: str = field(default="auto", metadata={
         "help": "'auto' (default): CPU runs use tp_trainer's CPU kernels and transports (shared-memory TP "
-                "all-reduce, CPU causal attention, token-split 16-bit norms, fused RMSNorm, malloc tuning), "
+                "all-reduce, CPU causal attention, token-split 16-bit norms, malloc tuning), "
                 "each where it applies; 'off': the stock PyTorch / transformers modules and gloo's collectives. "
                 "GPU runs use none of them either way."})
     sequence_parallel: bool = field(default=False, metadata={

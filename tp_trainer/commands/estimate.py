@@ -6,8 +6,8 @@ what must fit): "which layout fits my model". Nothing is downloaded or allocated
 built on the ``meta`` device from its config, sharded by the real planner, and one training
 step is simulated on it (:mod:`tp_trainer.memory`). ``--device`` picks the kernels whose saved
 tensors count, those a run there uses (``tp_trainer/parallel/kernels.py``; ``cuda``: flash /
-memory-efficient SDPA and the stock norms; ``cpu``: tp_trainer's CPU attention and fused norms,
-or with ``--cpu-kernels off`` the stock ones). ``--compare`` adds one line per ZeRO stage (0-3) for the same tp x dp; ``--zero 3`` is FSDP2 per block (``zero/fully_sharded.py``).
+memory-efficient SDPA; ``cpu``: tp_trainer's CPU attention, or with ``--cpu-kernels off`` SDPA; the lean
+norms, gated MLPs and LM head + loss on both, ``parallel/kernels.py``). ``--compare`` adds one line per ZeRO stage (0-3) for the same tp x dp; ``--zero 3`` is FSDP2 per block (``zero/fully_sharded.py``).
 ``--activation-checkpointing``: the Trainer's ``--activation_checkpointing`` (each decoder layer
 keeps only its input for backward and recomputes its forward there). ``--sequence-parallel``: the
 Trainer's ``--sequence_parallel`` (activations between the TP regions split along the sequence).

@@ -15,8 +15,10 @@ choice                   on when                         module
 ``token_split_norms``    CPU, gloo, with the shm         ``norms.py``: 16-bit replicated norms on
                          transport                       ``1/tp`` of the tokens per rank
 ``malloc_tuning``        CPU                             ``host.py``: freed activations stay in the heap
-``lean_activations``     every device, also with         ``rmsnorm.py``, ``glu.py``: RMSNorms and GLU
-                         ``cpu_kernels="off"``           MLPs keep fewer tensors for backward
+``lean_activations``     every device, also with         ``rmsnorm.py``, ``glu.py``,
+                         ``cpu_kernels="off"``           ``linear_cross_entropy.py``: RMSNorms, gated
+                                                         MLPs and the LM head + loss keep less for
+                                                         backward
 =======================  ==============================  ==========================================
 
 ``cpu_kernels="off"`` turns the CPU choices off: the run uses the stock modules and gloo's own
@@ -61,7 +63,7 @@ class Kernels:
     cpu_attention: bool = False      # causal self-attention by CPU row blocks
     token_split_norms: bool = False  # 16-bit replicated norms on 1/tp of the tokens (needs shm_all_reduce)
     malloc_tuning: bool = False      # glibc keeps freed activation memory in the heap
-    lean_activations: bool = True    # RMSNorms and GLU MLPs keep fewer tensors for backward (any device)
+    lean_activations: bool = True    # RMSNorms, gated MLPs, LM head + loss keep less for backward (any device)
     cpu_kernels: str = "auto"        # the user's flag this came from
     device_type: str = "cpu"         # the device it was decided for
 

@@ -224,6 +224,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(ColumnParallelLinear):
     """Column-parallel over the (padded) vocabulary; see the module docstring for the two modes."""
 
+    # mark the training logits for the fused head + loss (linear_cross_entropy.py); Kernels.lean_activations
+    mark_head_input = True
+
     @property
     def vocab_start(self) -> int:
         segs = self.weight.tp_spec.local_segments
@@ -248,7 +251,7 @@ class ParallelLMHead(ColumnParallelLinear):
         """The local logits, marked with what the linear multiplied (``logits._tp_head_input``) so that the
         loss can recompute them in backward instead of keeping a softmax (``linear_cross_entropy.py``)."""
         y = self.local_forward(x)
-        if self.transposed or self.tp_group is None or torch.compiler.is_compiling():
+        if not self.mark_head_input or self.transposed or self.tp_group is None or torch.compiler.is_compiling():
             return y
         mapped, gathered = self._mapped_input(x)  # f(x) is memoised on x: the node local_forward used
         local = gathered._local() if gathered is not None else None

@@ -103,6 +103,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
                 new_embedding = (mod, new)
         elif style == Style.LM_HEAD:
             new = ParallelLMHead.from_module(mod, _spec_factory(entry, context, pad=True), group)
+            new.mark_head_input = kernels.lean_activations
             if new_embedding is not None and mod.weight is new_embedding[0].weight:
                 new.weight = new_embedding[1].weight  # tied: one shard object serves both
             lm_head, head_module = new, mod

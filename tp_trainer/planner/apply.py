@@ -80,7 +80,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
     modules = dict(model.named_modules())
     kernels = context.kernels
-    if context.tp_size == 1:  # nothing to shard; the fused norms are a speed-up of their own (ZeRO-only runs)
+    if context.tp_size == 1:  # nothing to shard; the lean norms save memory of their own (ZeRO-only runs)
         if kernels.lean_activations:
             _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
         return model

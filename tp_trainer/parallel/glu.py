@@ -9,9 +9,11 @@ as one function that keeps only the gate and up outputs (``2 x 2 I/tp``) and rec
     backward: a = act(g), p = a * u (recomputed),   dW_r = dy^T p,   dp = dy W_r,
               du = dp * a,   dg = act'(g) (dp * u)  (torch's backward op of ``act``: SiLU, GELU, tanh-GELU)
 
-The row-parallel ``down`` then sums ``y_r`` over TP as before (its all-reduce, or the reduce-scatter
-under sequence parallelism): no communication changes. The forward is the module's own arithmetic,
-so outputs are bit-identical; gradients differ by rounding. :func:`lean_glu_mlp` installs it only on
+The MLP's forward computes ``p`` without a graph and marks it (``p._tp_gated``, :class:`GatedProduct`); it
+then calls ``down_proj`` as a module (its hooks run, its errors name it), whose forward multiplies a
+marked input through this function. The row-parallel ``down`` then sums ``y_r`` over TP as before (its
+all-reduce, or the reduce-scatter under sequence parallelism): no communication changes. The forward is
+the module's own arithmetic, so outputs are bit-identical; gradients differ by rounding. :func:`lean_glu_mlp` installs it only on
 a module whose children are the column-parallel ``gate_proj``/``up_proj`` and row-parallel
 ``down_proj`` and whose own forward, run on small random stand-ins for those children, gives exactly
 ``down(act(gate(x)) * up(x))`` with ``act`` equal to SiLU or a GELU (anything else, a fused ``gate_up_proj``, LoRA-wrapped projections,
@@ -42,10 +44,11 @@ ACTIVATIONS = {
 
 class _GatedDownProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, activation):
+    def forward(ctx, gate, up, weight, activation, product):
+        # product: act(gate) * up as the MLP's forward computed it (no graph); recomputed in backward
         ctx.save_for_backward(gate, up, weight)
         ctx.activation = activation
-        return F.linear(ACTIVATIONS[activation][0](gate) * up, weight)
+        return F.linear(product, weight)
 
     @staticmethod
     def backward(ctx, dy):
@@ -60,18 +63,30 @@ class _GatedDownProjection(torch.autograd.Function):
             dw = (dy.reshape(-1, dy.shape[-1]).t() @ product).to(weight.dtype)
         d_up = (dp * a).to(up.dtype) if need_up else None
         d_gate = act_backward((dp * up).to(gate.dtype), gate) if need_gate else None
-        return d_gate, d_up, dw, None
+        return d_gate, d_up, dw, None, None
 
 
-def gated_down_projection(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, activation: str) -> torch.Tensor:
-    """``(act(gate) * up) @ weight.T`` with ``act`` one of :data:`ACTIVATIONS`, keeping only ``gate`` and ``up``
-    for backward (module docstring)."""
-    return _GatedDownProjection.apply(gate, up, weight, activation)
+class GatedProduct:
+    """What the lean MLP forward attaches to its product ``p = act(g) * u`` (``p._tp_gated``), computed without
+    a graph: the down projection (``RowParallelLinear.forward``) calls :meth:`project` to multiply ``p``,
+    differentiating through ``g`` and ``u`` instead."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, activation: str):
+        self.gate, self.up, self.activation = gate, up, activation
+
+    def project(self, product: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``product @ weight.T``, keeping only gate and up for backward (module docstring)."""
+        return _GatedDownProjection.apply(self.gate, self.up, weight, self.activation, product)
 
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
-    down = self.down_proj
-    return down.reduce(gated_down_projection(self.gate_proj(x), self.up_proj(x), down.weight, self.tp_activation))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not torch.is_grad_enabled():  # nothing is kept for backward: as written
+        return self.down_proj(ACTIVATIONS[self.tp_activation][0](gate) * up)
+    with torch.no_grad():
+        product = ACTIVATIONS[self.tp_activation][0](gate) * up
+    product._tp_gated = GatedProduct(gate, up, self.tp_activation)
+    return self.down_proj(product)  # a module call: its hooks run and its errors name it
 
 
 def _activation_name(act_fn) -> str | None:

@@ -126,7 +126,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_input:
             x = scatter_to_tp_region(x, self.tp_group)
-        y = x @ self.weight if self.transposed else F.linear(x, self.weight)
+        gated = getattr(x, "_tp_gated", None)
+        if gated is not None and not self.transposed:  # a lean gated MLP's product: keeps gate and up (glu.py)
+            y = gated.project(x, self.weight)
+        else:
+            y = x @ self.weight if self.transposed else F.linear(x, self.weight)
         return self.reduce(y) if self.reduce_output else y
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:

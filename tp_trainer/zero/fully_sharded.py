@@ -90,12 +90,19 @@ def block_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _embedding_units(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
-    """Input and output embeddings as units of their own, unless tied to each other or inside a block."""
+    """Input and output embeddings as units of their own, unless tied to each other or inside a block.
+
+    An LM head that marks its logits for the fused head + loss (``ParallelLMHead.mark_head_input``,
+    ``parallel/linear_cross_entropy.py``) stays in the root unit: FSDP2 gathers a unit again for
+    backward from hooks on its forward outputs, and the fused loss differentiates the head's weight
+    without going through its output (the root's output, the loss, does carry the root's hook)."""
     inside = {id(m) for b in blocks for m in b.modules()}
     emb_in = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb_in is not None and emb_out is not None and emb_in.weight is emb_out.weight:
         return []
+    if getattr(emb_out, "mark_head_input", False):
+        emb_out = None
     return [m for m in (emb_in, emb_out) if isinstance(m, nn.Module) and id(m) not in inside
             and any(True for _ in m.parameters())]
 

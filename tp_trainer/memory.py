@@ -32,7 +32,7 @@ dtype, whose parameters stand for the gathered ones, with FSDP2's buffers alloca
 ``_fully_shard`` makes them (:class:`_FullyShardedUnits`): in forward each unit's all-gather (the
 shards cast to 16 bits, the flat output and the per-parameter outputs it is copied into, ``b x``
 the unit's padded elements each) freed after the unit's forward (the root's after the whole
-forward: it holds the final norm, and a tied embedding); in backward the unit gathered again *and
+forward: it holds the final norm, and a tied embedding or an LM head read by the fused head + loss); in backward the unit gathered again *and
 the one before it* (FSDP2's explicit backward prefetch: two units in flight, on CPU/gloo as on
 CUDA), then, once its gradients are complete, the ``4 x`` padded fp32 reduce-scatter input beside
 its ``b``-byte gradients (which are then freed), the previous unit's input kept until then (FSDP2

@@ -19,7 +19,8 @@ of the outermost ``nn.ModuleList`` s whose entries are all of one class and hold
 (``model.layers``, ``transformer.h``, T5's ``encoder.block`` and ``decoder.block``; an MoE block's
 expert list sits inside a block and goes with it). The embeddings are
 ``get_input_embeddings()``/``get_output_embeddings()``, separate units unless tied (then the
-root holds the shared weight).
+root holds the shared weight) or the LM head feeds the fused head + loss (the lean activations' default:
+the root holds it, :func:`_embedding_units`).
 
 Communication, on the dp group of the ``(dp, tp)`` mesh (``ParallelContext.mesh["dp"]``):
 

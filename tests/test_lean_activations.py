@@ -218,3 +218,17 @@ def test_the_fused_head_does_not_keep_the_softmax(ranks):
     for rank in ranks:
         peaks = rank["peak"]
         assert peaks["unfused"] - peaks["fused"] >= softmax // 2, peaks
+
+
+def test_checking_a_module_draws_nothing_from_the_global_rng():
+    # the checks run while a Trainer is being set up: a draw would change its data order (group_by_length)
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    from tp_trainer.parallel.glu import _activation_name, _computes_gated_mlp
+    from tp_trainer.parallel.rmsnorm import fuse_rms_norm
+
+    mlp = LlamaMLP(tiny_model("llama").config)
+    state = torch.get_rng_state()
+    assert _computes_gated_mlp(mlp) and _activation_name(mlp.act_fn) == "silu"
+    assert fuse_rms_norm(LlamaRMSNorm(64))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -113,7 +113,7 @@ def _computes_gated_mlp(module: nn.Module) -> bool:
     probe._forward_hooks, probe._forward_pre_hooks = {}, {}
     layers = {}
     for name, shape in (("gate_proj", (inner, width)), ("up_proj", (inner, width)), ("down_proj", (width, inner))):
-        layer = nn.Linear(shape[1], shape[0], bias=False)
+        layer = torch.nn.utils.skip_init(nn.Linear, shape[1], shape[0], bias=False)  # no draw from the global RNG
         with torch.no_grad():
             layer.weight.copy_(torch.randn(shape, generator=g))
         probe._modules[name] = layers[name] = layer

@@ -29,6 +29,9 @@ The head (:class:`~tp_trainer.parallel.layers.ParallelLMHead`) still computes it
 (the model's forward returns them; the loss's statistics read them) and marks them with
 :class:`HeadInput`; the loss takes this path only for those exact logits, so a model that transforms
 its logits before the loss (a soft cap, a scale) gets the unfused loss through the head's own linear.
+So do compiled graphs (the mark is Python state on a tensor) and ``TP_TRAINER_LEAN_ACTIVATIONS=0``
+(``ParallelLMHead.mark_head_input``). Under ZeRO-3 such a head stays in FSDP2's root unit
+(``zero/fully_sharded.py``): the unit's hooks on the head's output never fire here.
 """
 
 from __future__ import annotations

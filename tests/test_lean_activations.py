@@ -232,3 +232,21 @@ def test_checking_a_module_draws_nothing_from_the_global_rng():
     assert _computes_gated_mlp(mlp) and _activation_name(mlp.act_fn) == "silu"
     assert fuse_rms_norm(LlamaRMSNorm(64))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_loaded_model_keeps_its_lean_norms_through_train_and_eval(tmp_path):
+    # from_pretrained turns transformers' hub kernels on (with the `kernels` package, which transformers 5
+    # requires); each train()/eval() then re-kernelizes and would give the norms their class forward back
+    import transformers as T
+
+    from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    apply_tensor_parallel(model, plan_tensor_parallel(model, 1), ParallelContext())
+    model.train()
+    model.eval()
+    model.train()
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    nodes = _node_names(model(input_ids=ids, labels=ids).loss)
+    assert "_RMSNormBackward" in nodes and "PowBackward0" not in nodes

@@ -25,10 +25,11 @@ import torch
 
 from distributed import run_distributed
 from models import tiny_model
+from test_checkpoint import full_weights, make_dataset  # the same learnable sequences of SEQ tokens
 
 pytestmark = pytest.mark.cpu_only(reason="the worlds train with use_cpu=True and signal processes on this host")
 
-STEPS, SIGNAL_AT, N_TRAIN, SEQ = 8, 4, 64, 16
+STEPS, SIGNAL_AT, N_TRAIN = 8, 4, 64
 
 
 # ------------------------------------------------------------------------------------ resume decisions
@@ -138,22 +139,6 @@ def test_an_explicit_checkpoint_must_be_complete(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ preemption in a world
-def make_dataset(n, seed):
-    import datasets
-
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, 93, (n, 1), generator=g)
-    ids = (start + torch.arange(SEQ)) % 93 + 3
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-
-
-def full_weights(trainer):
-    from tp_trainer.parallel.gather import iter_full_state
-
-    tp_group = trainer.tp_context.tp_group if trainer.tp_active else None
-    return {n: t.detach().clone() for n, t in iter_full_state(trainer.model, tp_group)}
-
-
 def train(out, layout, *, signal_at=None, resume_value="none"):
     """One run of STEPS steps of TPTrainer (which adds the PreemptionCallback); ``signal_at=(step, signal, rank)`` sends ``signal``
     to ``rank``'s own process as that step begins. Returns how it ended."""

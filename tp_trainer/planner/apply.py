@@ -80,6 +80,8 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
         raise ValueError(f"plan was made for tp_size={plan.tp_size} but the context has tp_size={context.tp_size}")
     modules = dict(model.named_modules())
     kernels = context.kernels
+    if kernels.lean_activations:
+        _keep_swapped_forwards(model)
     if context.tp_size == 1:  # nothing to shard; the lean norms save memory of their own (ZeRO-only runs)
         if kernels.lean_activations:
             _fuse_rms_norms(modules, [name for name, mod in modules.items() if is_per_token_norm(mod)])
@@ -179,6 +181,22 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, context: ParallelContext
 
 
 _LINEAR_STYLES = {Style.COLWISE, Style.COLWISE_GATHER, Style.ROWWISE, Style.ROWWISE_SPLIT}
+
+
+def _keep_swapped_forwards(model: nn.Module) -> None:
+    """Turn off transformers' hub kernels (``PreTrainedModel.use_kernels``, on by default for ``from_pretrained``
+    models where the ``kernels`` package is installed, as transformers 5 requires) on ``model`` and every model in it.
+
+    With them on, every ``train()`` / ``eval()`` re-kernelizes: each module that declares a kernel layer name
+    (``LlamaRMSNorm`` and its copies) gets its class ``forward`` back, which would silently undo the lean
+    modules' swapped forwards (the Trainer calls ``train()`` at every step). Turning them off first restores
+    the torch forwards once (``reset_kernels``), before the lean ones are installed."""
+    turned_off = [type(m).__name__ for m in model.modules() if getattr(m, "_use_kernels", False)]
+    for module in model.modules():
+        if getattr(module, "_use_kernels", False):
+            module.use_kernels = False
+    if turned_off:
+        logger.debug(f"hub kernels turned off on {turned_off}: train()/eval() would undo the lean modules")
 
 
 def _fuse_rms_norms(modules: dict, names: list[str]) -> None:

@@ -10,6 +10,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from ..parallel.context import ParallelContext
@@ -191,12 +192,13 @@ def _keep_swapped_forwards(model: nn.Module) -> None:
     (``LlamaRMSNorm`` and its copies) gets its class ``forward`` back, which would silently undo the lean
     modules' swapped forwards (the Trainer calls ``train()`` at every step). Turning them off first restores
     the torch forwards once (``reset_kernels``), before the lean ones are installed."""
-    turned_off = [type(m).__name__ for m in model.modules() if getattr(m, "_use_kernels", False)]
-    for module in model.modules():
-        if getattr(module, "_use_kernels", False):
-            module.use_kernels = False
+    turned_off = [module for module in model.modules()
+                  if isinstance(module, PreTrainedModel) and module.use_kernels]
+    for module in turned_off:
+        module.use_kernels = False  # the property's setter resets the kernelized forwards
     if turned_off:
-        logger.debug(f"hub kernels turned off on {turned_off}: train()/eval() would undo the lean modules")
+        logger.debug(f"hub kernels turned off on {[type(m).__name__ for m in turned_off]}: train()/eval() "
+                     "would undo the lean modules")
 
 
 def _fuse_rms_norms(modules: dict, names: list[str]) -> None:

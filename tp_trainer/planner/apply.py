@@ -191,9 +191,12 @@ def _keep_swapped_forwards(model: nn.Module) -> None:
     With them on, every ``train()`` / ``eval()`` re-kernelizes: each module that declares a kernel layer name
     (``LlamaRMSNorm`` and its copies) gets its class ``forward`` back, which would silently undo the lean
     modules' swapped forwards (the Trainer calls ``train()`` at every step). Turning them off first restores
-    the torch forwards once (``reset_kernels``), before the lean ones are installed."""
+    the torch forwards once (``reset_kernels``), before the lean ones are installed. Not on the ``meta``
+    device (a plan's validation twin, the estimator), which kernelize refuses: there ``train()`` could not
+    re-kernelize either."""
     turned_off = [module for module in model.modules()
-                  if isinstance(module, PreTrainedModel) and module.use_kernels]
+                  if isinstance(module, PreTrainedModel) and module.use_kernels
+                  and not getattr(next(module.parameters(), None), "is_meta", False)]
     for module in turned_off:
         module.use_kernels = False  # the property's setter resets the kernelized forwards
     if turned_off:

@@ -22,8 +22,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -49,27 +49,13 @@ def _node_names(loss: torch.Tensor) -> set[str]:
     return names
 
 
-@contextlib.contextmanager
-def _lean_activations(on: bool):
-    """``TP_TRAINER_LEAN_ACTIVATIONS`` for the contexts made inside (kernels.py reads it once per context)."""
-    before = os.environ.get("TP_TRAINER_LEAN_ACTIVATIONS")
-    os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TP_TRAINER_LEAN_ACTIVATIONS"]
-        else:
-            os.environ["TP_TRAINER_LEAN_ACTIVATIONS"] = before
-
-
 def _one_step(name: str, *, sp: bool = False, block_rows: int | None = None, lean: bool = True):
     """Loss, full gradients and what ran, for one forward/backward of ``name`` at tp=2."""
     from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
     from tp_trainer.parallel import linear_cross_entropy
     from tp_trainer.parallel.gather import iter_full_state
 
-    with _lean_activations(lean):
+    with mock.patch.dict(os.environ, {"TP_TRAINER_LEAN_ACTIVATIONS": "1" if lean else "0"}):  # read once, here
         ctx = ParallelContext.from_environment(2)
     model = tiny_model(name)
     apply_tensor_parallel(model, plan_tensor_parallel(model, 2), ctx, sequence_parallel=sp)

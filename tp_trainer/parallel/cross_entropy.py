@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaskedLMLoss
 
-from .collectives import all_gather_rows
-from .linear_cross_entropy import HeadInput, linear_vocab_parallel_cross_entropy, uses_fused_path
+from .linear_cross_entropy import HeadInput, linear_vocab_parallel_cross_entropy, token_loss_over_tp, uses_fused_path
 
 
 SOFTMAX_CHUNK_BYTES = 2**24  # the fp32 copy of a 16-bit input the softmax makes off CUDA, per chunk of rows
@@ -57,13 +56,8 @@ class _VocabParallelCE(torch.autograd.Function):
         else:  # a rank whose slice is all padding holds no probability mass
             softmax = logits.new_empty((n, 0), dtype=torch.float32)
             lse_local = logits.new_full((n,), float("-inf"), dtype=torch.float32)
-        local_t = target - vocab_start
-        owned = (local_t >= 0) & (local_t < vocab_valid)
-        local_t = local_t.masked_fill(~owned, 0)
-        target_logit = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).float().masked_fill(~owned, 0.0)
-        gathered = all_gather_rows(torch.stack([lse_local, target_logit]), group).view(-1, 2, n)
-        lse = torch.logsumexp(gathered[:, 0], dim=0)
-        loss = lse - gathered[:, 1].sum(dim=0)  # exactly one rank owns each target
+        loss, lse, local_t, owned = token_loss_over_tp(logits, lse_local, target, vocab_start=vocab_start,
+                                                       vocab_valid=vocab_valid, group=group)
         ctx.save_for_backward(softmax, (lse_local - lse).exp(), local_t, owned)
         ctx.logits_meta = (logits.shape, logits.dtype)
         ctx.consumed = False

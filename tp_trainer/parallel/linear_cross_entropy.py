@@ -61,6 +61,20 @@ class HeadInput:
     regather: object | None = None
 
 
+def token_loss_over_tp(logits, lse_local, target, *, vocab_start: int, vocab_valid: int, group):
+    """``(loss, lse, local_t, owned)`` per token from this rank's ``lse_local`` and its logits' target column:
+    one all-gather of ``(lse_r, z_t)`` over TP, ``lse = log sum_r exp(lse_r)``, ``loss = lse - z_t``
+    (``local_t``: the target's column in this rank's slice, 0 where another rank owns it; ``owned``)."""
+    n = logits.shape[0]
+    local_t = target - vocab_start
+    owned = (local_t >= 0) & (local_t < vocab_valid)
+    local_t = local_t.masked_fill(~owned, 0)
+    target_logit = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).float().masked_fill(~owned, 0.0)
+    gathered = all_gather_rows(torch.stack([lse_local, target_logit]), group).view(-1, 2, n)
+    lse = torch.logsumexp(gathered[:, 0], dim=0)
+    return lse - gathered[:, 1].sum(dim=0), lse, local_t, owned  # exactly one rank owns each target
+
+
 def rows_per_block(hidden: int, local_vocab: int) -> int:
     """Tokens per block of the recomputation (module docstring)."""
     return max(hidden, BLOCK_BYTES // (4 * max(1, local_vocab)))
@@ -87,13 +101,8 @@ class _LinearVocabParallelCE(torch.autograd.Function):
                 z = logits[start:start + rows, :vocab_valid].to(torch.float32, copy=True)  # a block, changed in place
                 top = z.amax(dim=-1)
                 lse_local[start:start + rows] = top + z.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log_()
-        local_t = target - vocab_start
-        owned = (local_t >= 0) & (local_t < vocab_valid)
-        local_t = local_t.masked_fill(~owned, 0)
-        target_logit = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).float().masked_fill(~owned, 0.0)
-        gathered = all_gather_rows(torch.stack([lse_local, target_logit]), group).view(-1, 2, n)
-        lse = torch.logsumexp(gathered[:, 0], dim=0)
-        loss = lse - gathered[:, 1].sum(dim=0)  # exactly one rank owns each target
+        loss, lse, local_t, owned = token_loss_over_tp(logits, lse_local, target, vocab_start=vocab_start,
+                                                       vocab_valid=vocab_valid, group=group)
         kept = x if head_input.regather is None else head_input.x_local
         ctx.save_for_backward(kept, weight, bias, lse, local_t, owned)
         ctx.regather, ctx.x_shape, ctx.dtype = head_input.regather, x.shape, logits.dtype

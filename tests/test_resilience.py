@@ -303,13 +303,16 @@ def test_killed_ranks_are_restarted_and_the_run_ends_bit_identical(tmp_path, uni
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-16", "checkpoint-20", "final", "log_history.json"]
 
 
-def signal_when(proc, first_step, send):
-    """Read ``proc``'s output; at the first ``STEP n`` with ``n >= first_step`` call ``send(proc)``."""
+def signal_when(proc, first_step, send, then=None):
+    """Read ``proc``'s output; at the first ``STEP n`` with ``n >= first_step`` call ``send(proc)``, then
+    ``then(line)`` on every later line."""
     import time
 
     lines, sent = [], None
     for line in proc.stdout:
         lines.append(line)
+        if sent is not None and then is not None:
+            then(line)
         if sent is None and line.startswith("STEP ") and int(line.split()[1]) >= first_step:
             send(proc)
             sent = time.monotonic()
@@ -366,11 +369,15 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
         stopped.append(worker_pids(proc.pid)[1])
         os.kill(stopped[0], signal.SIGSTOP)
 
+    def resume_once_named(line):  # spares the test torch's fixed 30 s before it SIGKILLs a stopped worker
+        if f"rank 1 (pid {stopped[0]}) is stopped" in line:
+            os.kill(stopped[0], signal.SIGCONT)
+
     start = time.monotonic()
     try:
         code, log, took = signal_when(launch(tmp_path, max_restarts=0, shutdown_timeout=shutdown,
                                              ddp_timeout=ddp_timeout, env={"RESILIENCE_STEP_SLEEP": "0.3"}),
-                                      3, stop_rank1)
+                                      3, stop_rank1, resume_once_named)
     finally:
         for pid in stopped:  # never leave a stopped process behind, whatever happened
             try:
@@ -378,8 +385,9 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
             except ProcessLookupError:
                 pass
     assert code != 0, log[-3000:]
-    # bounded: the timeout, a liveness check (1 s), the agent's monitor interval (5 s), then torch's fixed 30 s
-    # between its SIGTERM (which a stopped process does not act on) and its SIGKILL, plus process exits
+    # bounded: the timeout, a liveness check (1 s), the agent's monitor interval (5 s), then up to torch's fixed
+    # 30 s between its SIGTERM (which a stopped process does not act on) and its SIGKILL (the test resumes the
+    # stopped rank once rank 0 has named it, so it usually exits sooner), plus process exits
     assert ddp_timeout <= took < ddp_timeout + 1 + 5 + 30 + 15, took
     # rank 0 names the stopped rank and the operation, whichever collective it was waiting in: the TP
     # all-reduce (shared memory), the preemption check or one of the Trainer's own (the report's last line)

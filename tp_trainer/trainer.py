@@ -194,8 +194,10 @@ class TPTrainerMixin:
         gbs = args.per_device_train_batch_size * ctx.dp_size * args.gradient_accumulation_steps
         modules = list(self.model.modules())
         fused = sum(1 for m in modules if hasattr(m, "tp_rms_eps"))
+        lean_mlps = sum(1 for m in modules if hasattr(m, "tp_activation"))
         split = sum(1 for m in modules if getattr(m, "tp_token_split", False))
         kernels = (f"; {fused} replicated RMSNorms fused" if fused else "") + (
+            f"; {lean_mlps} gated MLPs lean" if lean_mlps else "") + (
             f"; {split} replicated norms split over tokens" if split else "") + (
             "; causal attention by CPU row blocks" if self._cpu_attention else "")
         # ZeRO shards over dp: at dp=1 it only adds its buckets (their cost: docs/benchmarks.md)

@@ -92,7 +92,7 @@ def vocab_parallel_cross_entropy(logits, target, *, vocab_start: int, vocab_vali
     run as one function that keeps no softmax (``linear_cross_entropy.py``)."""
     valid = target != ignore_index
     target = target.masked_fill(~valid, 0)
-    if uses_fused_path(head_input, logits.shape[0]):
+    if vocab_valid > 0 and uses_fused_path(head_input, logits.shape[0]):  # an all-padding slice: nothing to redo
         per_token = linear_vocab_parallel_cross_entropy(logits, head_input, target, vocab_start=vocab_start,
                                                         vocab_valid=vocab_valid, group=group)
     else:

@@ -221,7 +221,6 @@ class _OurRun(_Run):
         from tp_trainer.parallel.attention import use_cpu_attention
         from tp_trainer.parallel.context import ParallelContext
         from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
-        from tp_trainer.zero import ShardedOptimizer
 
         self.ctx = ctx if ctx is not None else ParallelContext.from_environment(tp, cpu_kernels=cpu_kernels)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -229,11 +228,18 @@ class _OurRun(_Run):
         if self.ctx.kernels.cpu_attention:  # every layout, the single process included
             use_cpu_attention(model)
         model.train()
-        self.model = model
-        self._forward = torch.compile(model) if compiled else model  # compiles on the first (warm-up) step
-        self.opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True),
-                                    self.ctx, stage=zero)
+        self.model, self.opt = self._over_dp(model, lr, zero)
+        self._forward = torch.compile(self.model) if compiled else self.model  # compiles on the first (warm-up) step
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
+
+    def _over_dp(self, model, lr, zero):
+        """``(model, optimizer)``: ZeRO-``zero`` (0-2) over the dp group, fused AdamW (weight decay 0)."""
+        import torch
+
+        from tp_trainer.zero import ShardedOptimizer
+
+        adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+        return model, ShardedOptimizer(adamw, self.ctx, stage=zero)
 
     def _shm(self):
         """The TP group's shared-memory transport, or ``None`` (no TP group, or the backend's collectives)."""

@@ -55,40 +55,20 @@ PEER = "deepspeed_zero3_autotp"
 
 
 # ================================================================================ worker side
-class _Zero3Run(bench._Run):
-    """tp_trainer's ZeRO-3 at tp x dp on this rank."""
+class _Zero3Run(bench._OurRun):
+    """tp_trainer's ZeRO-3 at tp x dp on this rank: bench.py's run of our layout, sharded over dp by FSDP2."""
 
     def __init__(self, model_dir, dtype, lr, cpu_kernels):
-        import torch
-        from transformers import AutoModelForCausalLM
+        super().__init__(model_dir, dtype, TP, 3, lr, cpu_kernels=cpu_kernels)
 
-        from tp_trainer.parallel.attention import use_cpu_attention
-        from tp_trainer.parallel.context import ParallelContext
-        from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
+    def _over_dp(self, model, lr, zero):
+        import torch
+
         from tp_trainer.zero import FullyShardedOptimizer, shard_parameters_over_dp
 
-        self.ctx = ParallelContext.from_environment(TP, cpu_kernels=cpu_kernels)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        apply_tensor_parallel(model, plan_tensor_parallel(model, TP), self.ctx)
-        if self.ctx.kernels.cpu_attention:
-            use_cpu_attention(model)
-        model.train()
-        self.model = shard_parameters_over_dp(model, self.ctx)
-        self.opt = FullyShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True),
-                                         self.ctx)
-        self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
-
-    def forward_backward(self, ids):
-        loss = self.model(input_ids=ids, labels=ids).loss
-        self._sample()
-        loss.backward()
-        self.opt.finish_grad_sync()
-        return loss
-
-    def finish_step(self) -> None:
-        self.opt.clip_grad_norm(1.0)
-        self.opt.step()
-        self.opt.zero_grad()
+        model = shard_parameters_over_dp(model, self.ctx)
+        adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+        return model, FullyShardedOptimizer(adamw, self.ctx)
 
     def memory(self) -> dict:
         params = [p.to_local() for p in self.model.parameters()]

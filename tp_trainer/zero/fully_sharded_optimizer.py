@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -175,17 +174,7 @@ class FullyShardedOptimizer(MasterOptimizer):
         """
         self.finish_grad_sync()
         total = counted_square_sum(self._grad_pieces(), self.context.device)
-        if self.context.tp_comm is not None:
-            all_reduce(total, self.context.tp_comm)
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-        norm = total.sqrt()
-        if math.isfinite(max_norm):
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            grads = [g for g, _ in self._grad_pieces()]
-            if grads:
-                torch._foreach_mul_(grads, coef)
-        return norm
+        return self._clip_to_global_norm(total, [g for g, _ in self._grad_pieces()], max_norm)
 
     @torch.no_grad()
     def step(self, closure=None):

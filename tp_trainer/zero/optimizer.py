@@ -91,6 +91,22 @@ class MasterOptimizer(torch.optim.Optimizer):
         return sum(t.numel() for s in self.inner.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
+    def _clip_to_global_norm(self, total: torch.Tensor, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The global norm from this rank's partial square sum ``total`` (summed over the TP group, on its fast
+        transport: shared memory on one CPU host, then over the dp group: every rank ends with the same total);
+        ``grads`` scaled as ``torch.nn.utils.clip_grad_norm_`` does, ``g *= min(1, max_norm / (norm + 1e-6))``,
+        when ``max_norm`` is finite. Returns the norm before clipping."""
+        if self.context.tp_comm is not None:
+            all_reduce(total, self.context.tp_comm)
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+        norm = total.sqrt()
+        if math.isfinite(max_norm):
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for dtype in {g.dtype for g in grads}:  # one multi-tensor call per dtype
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
+        return norm
+
 
 class ShardedOptimizer(MasterOptimizer):
     """Wraps an element-wise torch optimizer; see the module docstring.
@@ -278,19 +294,7 @@ class ShardedOptimizer(MasterOptimizer):
             total = counted_square_sum(self._master_pieces(), device)
         else:
             total = torch.zeros((), dtype=torch.float32, device=device)
-        # world sum = sum over the TP group (its fast transport: shared memory on one CPU host),
-        # then over the dp group; every rank ends with the same total
-        if self.context.tp_comm is not None:
-            all_reduce(total, self.context.tp_comm)
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-        norm = total.sqrt()
-        if math.isfinite(max_norm):
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            grads = [grad for grad, _ in self._master_pieces()]
-            for dtype in {g.dtype for g in grads}:  # one multi-tensor call per dtype
-                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
-        return norm
+        return self._clip_to_global_norm(total, [grad for grad, _ in self._master_pieces()], max_norm)
 
     @torch.no_grad()
     def step(self, closure=None):

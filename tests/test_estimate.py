@@ -74,7 +74,6 @@ def _layout(case):
 
 def _measure_cases(cases):
     from tp_trainer.memory import measure_training_memory
-    from tp_trainer.memory_trace import LiveTensorBytes
     from tp_trainer.parallel.attention import use_cpu_attention
     from tp_trainer.parallel.context import ParallelContext
     from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
@@ -94,19 +93,30 @@ def _measure_cases(cases):
         opt = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), ctx, stage=zero,
                                bucket_numel=bucket)
         ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(ctx.dp_rank))
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()  # creates the Adam states
-        opt.zero_grad()
-        at_start = sum(measure_training_memory(model, opt).values())
-        with LiveTensorBytes() as live:  # the second step, states present
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.finish_grad_sync()
-            states = measure_training_memory(model, opt)  # the gradient peak
-            opt.clip_grad_norm(1.0)
-            opt.step()
-            opt.zero_grad()
-        out.append({"dp": ctx.dp_size, **states, "peak": at_start + live.peak})
+        at_start, states, peak = _second_step(model, opt, ids, measure_training_memory)
+        out.append({"dp": ctx.dp_size, **states, "peak": peak})
     return out
+
+
+def _second_step(model, opt, ids, states_of, before=lambda model: None):
+    """One step to create the optimizer's states, then a second one measured: ``(live states at its start,
+    states_of(model, opt) at its gradient peak, its peak: the start plus the most it allocates on top)``.
+    ``before(model)`` runs between the start's count and the measured step."""
+    from tp_trainer.memory_trace import LiveTensorBytes
+
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # creates the Adam states
+    opt.zero_grad()
+    at_start = sum(states_of(model, opt).values())
+    before(model)
+    with LiveTensorBytes() as live:  # the second step, states present
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.finish_grad_sync()
+        states = states_of(model, opt)  # the gradient peak
+        opt.clip_grad_norm(1.0)
+        opt.step()
+        opt.zero_grad()
+    return at_start, states, at_start + live.peak
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +360,6 @@ ZERO3_CASES = [("llama", "fp32", BATCH, SEQ, False), ("llama", "bf16", BATCH, SE
 
 
 def _measure_zero3(cases):
-    from tp_trainer.memory_trace import LiveTensorBytes
     from tp_trainer.parallel.attention import use_cpu_attention
     from tp_trainer.parallel.context import ParallelContext
     from tp_trainer.planner import apply_tensor_parallel, plan_tensor_parallel
@@ -378,19 +387,8 @@ def _measure_zero3(cases):
         model = shard_parameters_over_dp(model, ctx)
         opt = FullyShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), ctx)
         ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(ctx.dp_rank))
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()  # creates the Adam states
-        opt.zero_grad()
-        at_start = sum(live_states(model, opt).values())
-        _fresh_gather_storages(model)
-        with LiveTensorBytes() as live:  # the second step, states present
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.finish_grad_sync()
-            states = live_states(model, opt)  # the gradient peak
-            opt.clip_grad_norm(1.0)
-            opt.step()
-            opt.zero_grad()
-        out.append({"dp": ctx.dp_size, **states, "at_start": at_start, "peak": at_start + live.peak,
+        at_start, states, peak = _second_step(model, opt, ids, live_states, before=_fresh_gather_storages)
+        out.append({"dp": ctx.dp_size, **states, "at_start": at_start, "peak": peak,
                     "loss": model(input_ids=ids, labels=ids).loss.item()})
     return out
 

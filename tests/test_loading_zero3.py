@@ -25,7 +25,7 @@ import torch
 import transformers as T
 from distributed import run_distributed
 from models import MOE_FAMILIES, tiny_model
-from test_loading import _counting_reads
+from test_loading import _counting_reads, _peak_added  # the bytes read; the resident peak of a load
 
 from tp_trainer import ParallelContext, apply_tensor_parallel, plan_tensor_parallel
 from tp_trainer.loading import LoadError, from_pretrained, sharded_state
@@ -212,23 +212,6 @@ def test_a_load_at_zero_stage_3_and_training_at_another_stage_are_refused_naming
 
 
 # ------------------------------------------------------------------------------------ memory
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _peak_added(fn):
-    """As tests/test_loading.py: ``(fn(), VmHWM during fn - VmRSS before)``, VmHWM reset first (clear_refs 5)."""
-    import gc
-
-    gc.collect()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    out = fn()
-    return out, _status("VmHWM") - before
-
-
 def _memory_worker(tiny_path, big_path):
     ctx = ParallelContext.from_environment(TP)
     from_pretrained(tiny_path, context=ctx, zero_stage=3)  # warm-up: lazy imports, FSDP2's first use

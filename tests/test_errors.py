@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from models import tiny_model
+from test_storage_faults import read_only_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOG = os.path.join(ROOT, "docs", "errors.md")
@@ -258,14 +259,7 @@ def save_fault(kind: str):
 def read_only_output_dir(tmp, monkeypatch):
     """``tp-trainer train --output_dir RO`` where RO cannot be written (its probe file fails as on a read-only
     mount): refused before the launch, before the model or the built-in assets are made."""
-    real = os.open
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp / "ro")):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    read_only_under(monkeypatch, tmp / "ro")
     message = train_cli(RECIPE, "--output_dir", "{tmp}/ro")(tmp, monkeypatch)
     assert not os.path.exists(tmp / "ro" / "builtin"), "the built-in assets were generated before the check"
     return message

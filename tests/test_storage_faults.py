@@ -55,6 +55,18 @@ def _remove_tmp_before_write(*, rank, ctx_rank):
     return lambda: setattr(save, "save_file", real)
 
 
+def read_only_under(monkeypatch, prefix) -> None:
+    """``os.open`` of any path under ``prefix`` fails with ``EROFS``, as on a read-only mount."""
+    real = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(prefix)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+
+
 def _fail_os(name, code, *, rank, ctx_rank, suffix):
     """Make ``os.NAME(path, ...)`` raise ``OSError(code)`` on ``rank`` when ``path`` ends with ``suffix``."""
     real = getattr(os, name)
@@ -228,14 +240,7 @@ def test_check_writable_probes_with_a_real_file(tmp_path, monkeypatch):
 
     check_writable(str(tmp_path / "new" / "out"))  # created, probed, the probe removed
     assert os.listdir(tmp_path / "new" / "out") == []
-    real = os.open
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "ro")):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    read_only_under(monkeypatch, tmp_path / "ro")
     with pytest.raises(ValueError) as err:
         check_writable(str(tmp_path / "ro"))
     assert f"output_dir '{tmp_path}/ro' is not usable" in str(err.value)

@@ -42,10 +42,13 @@ class Leaf:
         return [self.key]
 
 
+@dataclass(frozen=True)
 class _Combined:
-    """A source made of several of the same dtype (``items``): their dtype, and every checkpoint key they read."""
+    """A source made of several of the same dtype (``items``) along ``dim``: their dtype, and every checkpoint key
+    they read."""
 
-    items: tuple
+    dim: int
+    items: tuple[Source, ...]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,9 +60,6 @@ class _Combined:
 
 @dataclass(frozen=True)
 class Stack(_Combined):
-    dim: int
-    items: tuple[Source, ...]
-
     @property
     def shape(self) -> tuple[int, ...]:
         inner = list(self.items[0].shape)
@@ -68,9 +68,6 @@ class Stack(_Combined):
 
 @dataclass(frozen=True)
 class Cat(_Combined):
-    dim: int
-    items: tuple[Source, ...]
-
     @property
     def shape(self) -> tuple[int, ...]:
         shape = list(self.items[0].shape)

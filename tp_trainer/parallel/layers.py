@@ -76,7 +76,10 @@ class ColumnParallelLinear(nn.Module):
         gradient is wanted (``no_grad``, an input that does not require it): it would only communicate.
         An input all-gathered along the sequence (``sequence.py``) brings its own linear: it keeps only this
         rank's chunk for backward, and the gather's reduce-scatter takes the place of ``f``."""
-        x, gathered = self._mapped_input(x)
+        return self._multiply(*self._mapped_input(x))
+
+    def _multiply(self, x: torch.Tensor, gathered) -> torch.Tensor:
+        """``x W_local^T + b_local`` of an input already mapped by :meth:`_mapped_input`."""
         if gathered is not None:
             return gathered.linear(x, self.weight, self.bias, transposed=self.transposed)
         if self.transposed:
@@ -254,10 +257,10 @@ class ParallelLMHead(ColumnParallelLinear):
     def _marked_local_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The local logits, marked with what the linear multiplied (``logits._tp_head_input``) so that the
         loss can recompute them in backward instead of keeping a softmax (``linear_cross_entropy.py``)."""
-        y = self.local_forward(x)
+        mapped, gathered = self._mapped_input(x)
+        y = self._multiply(mapped, gathered)
         if not self.mark_head_input or self.transposed or self.tp_group is None or torch.compiler.is_compiling():
             return y
-        mapped, gathered = self._mapped_input(x)  # f(x) is memoised on x: the node local_forward used
         local = gathered._local() if gathered is not None else None
         y._tp_head_input = HeadInput(mapped, self.weight, self.bias, x_local=local, regather=gathered)
         return y

@@ -314,9 +314,9 @@ class _HFNativeTPRun(_Run):
 
 
 class _DeepSpeedAutoTPRun(_Run):
-    """DeepSpeed AutoTP training (``tensor_parallel.autotp_size``) with ZeRO-1, on gloo/CPU."""
+    """DeepSpeed AutoTP training (``tensor_parallel.autotp_size``) with ZeRO-``stage`` (1 here), on gloo/CPU."""
 
-    def __init__(self, model_dir, dtype, tp, lr, batch):
+    def __init__(self, model_dir, dtype, tp, lr, batch, stage=1):
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -326,7 +326,7 @@ class _DeepSpeedAutoTPRun(_Run):
                   "steps_per_print": 10**9, "gradient_clipping": 1.0,
                   "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True,
                                                             "fused": True}},
-                  "zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": tp}}
+                  "zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": tp}}
         if dtype == torch.bfloat16:
             config["bf16"] = {"enabled": True}
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)

@@ -99,34 +99,12 @@ class _Zero3Run(bench._OurRun):
                 "largest_unit": max(own(u) for u in units), "units": len(units)}
 
 
-class _DeepSpeedZero3Run(bench._Run):
-    """DeepSpeed ZeRO-3 with AutoTP (``tensor_parallel.autotp_size``) on gloo/CPU, configured like bench.py's peer."""
+class _DeepSpeedZero3Run(bench._DeepSpeedAutoTPRun):
+    """DeepSpeed ZeRO-3 with AutoTP (``tensor_parallel.autotp_size``) on gloo/CPU: bench.py's peer at stage 3."""
 
     def __init__(self, model_dir, dtype, lr, batch):
-        import deepspeed
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        config = {"train_micro_batch_size_per_gpu": batch // DP, "gradient_accumulation_steps": 1,
-                  "steps_per_print": 10**9, "gradient_clipping": 1.0,
-                  "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True,
-                                                            "fused": True}},
-                  "zero_optimization": {"stage": 3}, "tensor_parallel": {"autotp_size": TP}}
-        if dtype == torch.bfloat16:
-            config["bf16"] = {"enabled": True}
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-        self.model = self.engine.module
+        super().__init__(model_dir, dtype, TP, lr, batch // DP, stage=3)
         self.dp_rank, self.dp_size = int(os.environ["RANK"]) // TP, DP
-
-    def forward_backward(self, ids):
-        loss = self.engine(input_ids=ids, labels=ids).loss
-        self._sample()
-        self.engine.backward(loss)
-        return loss
-
-    def finish_step(self) -> None:
-        self.engine.step()
 
     def memory(self) -> dict:
         return {}  # only the peak RSS is compared: DeepSpeed's buffers are its own

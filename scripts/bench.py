@@ -475,8 +475,8 @@ def launch_workers(script: str, world: int, threads: int, result: str, args: lis
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The hidden worker-mode flags that :func:`launch_workers` passes (``--worker --result``) plus the
-    model directory and the JSON :class:`BenchConfig` every worker reads."""
-    for flag in ("--model-dir", "--result", "--config"):
+    model directory, the JSON :class:`BenchConfig` every worker reads and the runner it plays."""
+    for flag in ("--model-dir", "--result", "--config", "--runner"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -668,7 +668,6 @@ def main(argv=None) -> int:
                         help="launches per runner, interleaved; step times pooled, ratios paired per round")
     parser.add_argument("--out", default="bench.json")
     add_worker_arguments(parser)
-    parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

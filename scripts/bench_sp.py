@@ -162,7 +162,6 @@ def main(argv=None) -> int:
                         help="part 2's peers, or 'none'")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
     parser.add_argument("--out", help="write every measurement as JSON")
-    parser.add_argument("--runner", help=argparse.SUPPRESS)
     bench.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:

@@ -252,7 +252,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench_zero3.json")
     bench.add_worker_arguments(parser)
-    parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
